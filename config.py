@@ -1,0 +1,246 @@
+"""Settings of the server and client: one frozen object, loaded once, validated.
+
+Each value comes from, in rising precedence: the field's default, a ``.env`` file, the process
+environment, then explicit overrides (command-line flags). The environment variable of a field is
+its name in capitals (``port`` -> ``PORT``). A bad value stops start-up with one line that names
+the variable, its source and what is expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from dotenv import dotenv_values
+
+from protocol import (
+    DEFAULT_COMPRESSION_LEVEL,
+    DEFAULT_COMPRESSION_THRESHOLD,
+    DEFAULT_MAX_FRAME_SIZE,
+    Compression,
+)
+
+__all__ = [
+    "ConfigError",
+    "LogLevel",
+    "Settings",
+    "describe_fields",
+    "load",
+    "load_settings",
+    "setting",
+]
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+MIB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """Raised when a setting is missing, malformed or out of range; the message is one line."""
+
+    exit_code = 78  # EX_CONFIG
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    secret: bool = False,
+) -> Any:
+    return field(
+        default=default,
+        repr=not secret,
+        metadata={"help": help, "low": low, "high": high, "secret": secret},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Server and client settings; see the README's configuration table."""
+
+    host: str = setting("127.0.0.1", "Address the server listens on (clients connect to it).")
+    port: int = setting(1145, "TCP port.", low=0, high=65535)
+    log_level: LogLevel = setting("INFO", "DEBUG, INFO, WARNING or ERROR.")
+    use_uvloop: bool = setting(True, "Run on uvloop when it is installed.")
+    max_connections: int = setting(10_000, "Connections served at once; more are refused.", low=1)
+    max_in_flight: int = setting(
+        128, "Requests one connection may have running; beyond it the server stops reading.", low=1
+    )
+    max_frame_size: int = setting(
+        DEFAULT_MAX_FRAME_SIZE,
+        "Largest frame body in bytes, before and after decompression.",
+        low=1024,
+        high=1024 * MIB,
+    )
+    compression_threshold: int = setting(
+        DEFAULT_COMPRESSION_THRESHOLD,
+        "Bodies of at least this many bytes are zstd-compressed.",
+        low=0,
+    )
+    compression_level: int = setting(
+        DEFAULT_COMPRESSION_LEVEL,
+        "zstd level: 1 (fast) to 22 (small), or negative for faster.",
+        low=-7,
+        high=22,
+    )
+    request_timeout: float = setting(
+        30.0, "Seconds a request may run when the client sets none.", low=0.001
+    )
+    max_request_timeout: float = setting(
+        300.0, "Longest timeout a client may ask for, seconds.", low=0.001
+    )
+    idle_timeout: float = setting(
+        300.0, "Close a connection idle this long, seconds; 0 = never.", low=0
+    )
+    frame_timeout: float = setting(
+        30.0, "Seconds allowed to receive the rest of a started frame.", low=0.001
+    )
+    shutdown_timeout: float = setting(
+        10.0, "Seconds in-flight requests get to finish at shutdown.", low=0
+    )
+    connect_timeout: float = setting(
+        10.0, "Client: seconds to connect, TLS handshake included.", low=0.001
+    )
+    enable_tls: bool = setting(False, "Serve TLS only (never plain TCP) with the files below.")
+    tls_cert_file: str = setting("", "Server certificate chain (PEM).")
+    tls_key_file: str = setting("", "Server private key (PEM).")
+    tls_key_password: str = setting("", "Password of the private key, if it has one.", secret=True)
+    tls_client_ca_file: str = setting(
+        "", "If set, clients must present a certificate from this CA."
+    )
+    tls_handshake_timeout: float = setting(10.0, "Seconds a TLS handshake may take.", low=0.001)
+    tls_ca_file: str = setting("", "Client: CA file to verify the server; empty = system CAs.")
+
+    def __post_init__(self) -> None:
+        if self.enable_tls and not (self.tls_cert_file and self.tls_key_file):
+            raise ConfigError(
+                "ENABLE_TLS=true needs TLS_CERT_FILE and TLS_KEY_FILE "
+                "(make a pair with: python server.py --make-cert certs)"
+            )
+        if self.max_request_timeout < self.request_timeout:
+            raise ConfigError(
+                f"MAX_REQUEST_TIMEOUT ({self.max_request_timeout}) must not be below "
+                f"REQUEST_TIMEOUT ({self.request_timeout})"
+            )
+
+    @property
+    def compression(self) -> Compression:
+        """The body compression policy these settings describe."""
+        return Compression(threshold=self.compression_threshold, level=self.compression_level)
+
+    def summary(self) -> dict[str, Any]:
+        """Every setting except secrets, for ``SERVER_INFO`` and logs."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if not f.metadata.get("secret")
+        }
+
+
+SettingsT = TypeVar("SettingsT")
+
+
+def describe_fields(cls: type[Any]) -> list[tuple[str, Any, str]]:
+    """(variable, default, help) for each field of a settings class, for docs and examples."""
+    return [
+        (f.name.upper(), f.default, f.metadata.get("help", "")) for f in dataclasses.fields(cls)
+    ]
+
+
+def load_settings(
+    cls: type[SettingsT],
+    *,
+    env_file: str | Path | None = ".env",
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> SettingsT:
+    """Build a settings dataclass from defaults < ``env_file`` < ``environ`` < ``overrides``.
+
+    Args:
+        cls: a frozen dataclass whose fields were declared with ``setting``.
+        env_file: a ``.env`` file to read if it exists; None to read none.
+        environ: the environment; ``os.environ`` when None.
+        overrides: typed values by field name (e.g. from command-line flags), None ones ignored.
+
+    Raises:
+        ConfigError: a value does not parse or is out of range; the message names the variable.
+    """
+    environ = os.environ if environ is None else environ
+    from_file: dict[str, str | None] = {}
+    if env_file is not None and Path(env_file).is_file():
+        from_file = dotenv_values(env_file)
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        name = f.name.upper()
+        if overrides is not None and overrides.get(f.name) is not None:
+            raw, source = overrides[f.name], "command line"
+        elif name in environ:
+            raw, source = environ[name], "environment"
+        elif from_file.get(name) is not None:
+            raw, source = from_file[name], f"{env_file}"
+        else:
+            continue
+        values[f.name] = _parse(name, raw, source, hints[f.name], f.metadata)
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def load(
+    *,
+    env_file: str | Path | None = ".env",
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Load and validate the server/client ``Settings`` (see ``load_settings``)."""
+    return load_settings(Settings, env_file=env_file, environ=environ, overrides=overrides)
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse(name: str, raw: Any, source: str, kind: Any, meta: Mapping[str, Any]) -> Any:
+    shown = "<hidden>" if meta.get("secret") else repr(raw)
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{name} must be {expected}, got {shown} (from {source})")
+
+    if not isinstance(raw, str):
+        value = raw
+    elif kind is bool:
+        word = raw.strip().lower()
+        if word not in _TRUE | _FALSE:
+            raise fail("true or false")
+        value = word in _TRUE
+    elif kind is int:
+        try:
+            value = int(raw.strip().replace("_", ""))
+        except ValueError:
+            raise fail("a whole number") from None
+    elif kind is float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise fail("a number") from None
+    elif typing.get_origin(kind) is Literal:
+        value = raw.strip().upper()
+    else:
+        value = raw.strip()
+    if typing.get_origin(kind) is Literal and value not in typing.get_args(kind):
+        raise fail("one of " + ", ".join(typing.get_args(kind)))
+    low, high = meta.get("low"), meta.get("high")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"at least {low}" if high is None else f"from {low} to {high}"
+        raise fail(bounds)
+    return value

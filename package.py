@@ -1,0 +1,531 @@
+"""Package types of pyasync-server: the PACKAGE enum, one typed body per type, and error codes.
+
+To add a feature, add a ``REQUEST_X``/``ANSWER_X`` pair to ``PACKAGE`` (new numbers, never
+reused) and a body class for each with ``@body(...)``; then one action in ``actions.py``.
+Bodies are msgspec Structs carried as MessagePack maps, validated when decoded.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any, ClassVar, Final, TypeVar
+
+import msgspec
+
+__all__ = [
+    "__version__",
+    "PACKAGE",
+    "Aborted",
+    "AlreadyExists",
+    "Body",
+    "Cancelled",
+    "ChangeQuestionMarkAnswer",
+    "ChangeQuestionMarkRequest",
+    "Conflict",
+    "DataLoss",
+    "DeadlineExceeded",
+    "DbInfoAnswer",
+    "DbInfoRequest",
+    "KvDeleteAnswer",
+    "KvDeleteRequest",
+    "KvGetAnswer",
+    "KvGetRequest",
+    "KvItem",
+    "KvListAnswer",
+    "KvListRequest",
+    "KvPutAnswer",
+    "KvPutRequest",
+    "EchoAnswer",
+    "EchoRequest",
+    "ErrorAnswer",
+    "ErrorCode",
+    "FailedPrecondition",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "OutOfRange",
+    "PermissionDenied",
+    "PingAnswer",
+    "PingRequest",
+    "ProtocolViolation",
+    "RPCError",
+    "ResourceExhausted",
+    "ServerInfoAnswer",
+    "ServerInfoRequest",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "Unknown",
+    "UnknownPackageType",
+    "UnknownRemoteError",
+    "answer_kind_for",
+    "body",
+    "body_type",
+    "error_from_answer",
+    "is_request",
+    "pack",
+    "unpack",
+]
+
+__version__ = "0.1.0"  # of the server and this package set
+
+
+@enum.unique
+class PACKAGE(enum.IntEnum):
+    """Package type numbers on the wire (uint16). Never renumber or reuse a retired number.
+
+    Every ``REQUEST_X`` has an ``ANSWER_X``; ``ANSWER_ERROR`` answers any request that failed.
+    Names starting with ``EVENT_`` are reserved for packages the server pushes unasked.
+    """
+
+    ANSWER_ERROR = 1
+
+    REQUEST_PING = 2
+    ANSWER_PING = 3
+    REQUEST_ECHO = 4
+    ANSWER_ECHO = 5
+    REQUEST_CHANGE_QUESTION_MARK = 6
+    ANSWER_CHANGE_QUESTION_MARK = 7
+    REQUEST_SERVER_INFO = 8
+    ANSWER_SERVER_INFO = 9
+    REQUEST_KV_PUT = 10
+    ANSWER_KV_PUT = 11
+    REQUEST_KV_GET = 12
+    ANSWER_KV_GET = 13
+    REQUEST_KV_DELETE = 14
+    ANSWER_KV_DELETE = 15
+    REQUEST_KV_LIST = 16
+    ANSWER_KV_LIST = 17
+    REQUEST_DB_INFO = 18
+    ANSWER_DB_INFO = 19
+
+
+class ErrorCode(enum.IntEnum):
+    """Closed set of error codes carried by ``ANSWER_ERROR``; 1-16 are gRPC's status codes."""
+
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+    UNKNOWN_PACKAGE_TYPE = 100  # the type number is unknown, or not a request
+    PROTOCOL_ERROR = 101  # the byte stream is broken; the server closes the connection
+    CONFLICT = 102  # a compare-and-set found another version
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+
+class RPCError(Exception):
+    """One request failed; travels as ``ANSWER_ERROR`` and the connection lives on.
+
+    Subclasses fix ``code``; an action raises one with a message a person can act on.
+    The client raises the same class again from the received code.
+    """
+
+    code: ClassVar[ErrorCode] = ErrorCode.UNKNOWN
+    _by_code: ClassVar[dict[int, type[RPCError]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" in cls.__dict__:
+            if cls.code in RPCError._by_code:
+                raise TypeError(f"{cls.code.name} already maps to {RPCError._by_code[cls.code]}")
+            RPCError._by_code[cls.code] = cls
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        text = f"{self.code.name}: {self.message}"
+        return f"{text} ({self.hint})" if self.hint else text
+
+    def to_answer(self) -> ErrorAnswer:
+        """The ``ANSWER_ERROR`` body for this error."""
+        return ErrorAnswer(code=int(self.code), message=self.message, hint=self.hint)
+
+
+class UnknownRemoteError(RPCError):
+    """Raised by the client for an error code this side does not know."""
+
+    def __init__(self, code: int, message: str, *, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.remote_code = code
+
+    def __str__(self) -> str:
+        return f"error {self.remote_code}: {self.message}"
+
+
+class Cancelled(RPCError):
+    """Raised when the operation was cancelled, typically by the caller."""
+
+    code = ErrorCode.CANCELLED
+
+
+class Unknown(RPCError):
+    """Raised when the failure fits no other code."""
+
+    code = ErrorCode.UNKNOWN
+
+
+class InvalidArgument(RPCError):
+    """Raised when the request body is malformed or a field is out of its documented range."""
+
+    code = ErrorCode.INVALID_ARGUMENT
+
+
+class DeadlineExceeded(RPCError):
+    """Raised when the request did not finish within its timeout."""
+
+    code = ErrorCode.DEADLINE_EXCEEDED
+
+
+class NotFound(RPCError):
+    """Raised when the requested entity does not exist."""
+
+    code = ErrorCode.NOT_FOUND
+
+
+class AlreadyExists(RPCError):
+    """Raised when the entity a request tried to create exists already."""
+
+    code = ErrorCode.ALREADY_EXISTS
+
+
+class PermissionDenied(RPCError):
+    """Raised when the caller may not do this."""
+
+    code = ErrorCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(RPCError):
+    """Raised when a limit (connections, requests in flight, quota) is reached."""
+
+    code = ErrorCode.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(RPCError):
+    """Raised when the system is not in the state the request needs."""
+
+    code = ErrorCode.FAILED_PRECONDITION
+
+
+class Aborted(RPCError):
+    """Raised when the operation was aborted by a concurrency conflict; retry higher up."""
+
+    code = ErrorCode.ABORTED
+
+
+class OutOfRange(RPCError):
+    """Raised when a value is past the valid range, e.g. reading past the end."""
+
+    code = ErrorCode.OUT_OF_RANGE
+
+
+class Unimplemented(RPCError):
+    """Raised when the request type exists but this server has no action for it."""
+
+    code = ErrorCode.UNIMPLEMENTED
+
+
+class Internal(RPCError):
+    """Raised when the server failed unexpectedly; its log has the details."""
+
+    code = ErrorCode.INTERNAL
+
+
+class Unavailable(RPCError):
+    """Raised when a service the action needs is unreachable for now; retrying may work."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
+class DataLoss(RPCError):
+    """Raised when data was lost or corrupted."""
+
+    code = ErrorCode.DATA_LOSS
+
+
+class Unauthenticated(RPCError):
+    """Raised when the caller is not authenticated."""
+
+    code = ErrorCode.UNAUTHENTICATED
+
+
+class UnknownPackageType(RPCError):
+    """Raised when the package type number is unknown or is not a request."""
+
+    code = ErrorCode.UNKNOWN_PACKAGE_TYPE
+
+
+class ProtocolViolation(RPCError):
+    """Raised when the byte stream is broken and the server closes the connection."""
+
+    code = ErrorCode.PROTOCOL_ERROR
+
+
+class Conflict(RPCError):
+    """Raised when a compare-and-set found another version than the one expected."""
+
+    code = ErrorCode.CONFLICT
+
+
+def error_from_answer(answer: ErrorAnswer) -> RPCError:
+    """Rebuild the exception an ``ANSWER_ERROR`` stands for (``UnknownRemoteError`` if new)."""
+    cls = RPCError._by_code.get(answer.code)
+    if cls is None:
+        return UnknownRemoteError(answer.code, answer.message, hint=answer.hint)
+    return cls(answer.message, hint=answer.hint)
+
+
+class Body(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Base of every body: an immutable MessagePack map; fields at their default are omitted."""
+
+
+BodyT = TypeVar("BodyT", bound=type[Body])
+
+_BODY_TYPES: dict[PACKAGE, type[Body]] = {}
+
+
+def body(kind: PACKAGE) -> Callable[[BodyT], BodyT]:
+    """Class decorator: declare the body schema of one package type."""
+
+    def register(cls: BodyT) -> BodyT:
+        if kind in _BODY_TYPES:
+            raise TypeError(f"{kind.name} already has body {_BODY_TYPES[kind].__name__}")
+        _BODY_TYPES[kind] = cls
+        return cls
+
+    return register
+
+
+# ---- pairing and codecs -------------------------------------------------------------------
+
+REQUEST_PREFIX: Final = "REQUEST_"
+ANSWER_PREFIX: Final = "ANSWER_"
+EVENT_PREFIX: Final = "EVENT_"
+
+
+def is_request(kind: PACKAGE) -> bool:
+    """True for ``REQUEST_*`` types, the only ones a client may send."""
+    return kind.name.startswith(REQUEST_PREFIX)
+
+
+def answer_kind_for(request: PACKAGE) -> PACKAGE:
+    """The ``ANSWER_X`` that answers ``REQUEST_X``."""
+    return _ANSWER_FOR[request]
+
+
+def body_type(kind: PACKAGE) -> type[Body]:
+    """The body schema declared for ``kind``."""
+    return _BODY_TYPES[kind]
+
+
+def pack(kind: PACKAGE, value: Body) -> bytes:
+    """Encode a body of type ``kind`` to MessagePack.
+
+    Raises:
+        TypeError: ``value`` is not the body class declared for ``kind``.
+    """
+    expected = _BODY_TYPES[kind]
+    if type(value) is not expected:
+        raise TypeError(f"{kind.name} carries {expected.__name__}, not {type(value).__name__}")
+    return _ENCODER.encode(value)
+
+
+def unpack(kind: PACKAGE, payload: bytes | memoryview) -> Body:
+    """Decode and validate a body of type ``kind``.
+
+    Raises:
+        InvalidArgument: the payload is not valid MessagePack for that type's schema.
+    """
+    try:
+        return _DECODERS[kind].decode(payload)
+    except msgspec.DecodeError as exc:
+        raise InvalidArgument(f"invalid {kind.name} body: {exc}") from None
+
+
+# ---- built-in bodies -----------------------------------------------------------------------
+
+
+@body(PACKAGE.ANSWER_ERROR)
+class ErrorAnswer(Body, frozen=True, kw_only=True):
+    """Why a request failed: ``code`` from ``ErrorCode``, a one-line ``message``, a ``hint``."""
+
+    code: int
+    message: str
+    hint: str = ""
+
+
+@body(PACKAGE.REQUEST_PING)
+class PingRequest(Body, frozen=True, kw_only=True):
+    pass
+
+
+@body(PACKAGE.ANSWER_PING)
+class PingAnswer(Body, frozen=True, kw_only=True):
+    pass
+
+
+@body(PACKAGE.REQUEST_ECHO)
+class EchoRequest(Body, frozen=True, kw_only=True):
+    """Exactly one of ``text`` or ``data`` is set; the answer mirrors it."""
+
+    text: str | None = None
+    data: bytes | None = None
+
+
+@body(PACKAGE.ANSWER_ECHO)
+class EchoAnswer(Body, frozen=True, kw_only=True):
+    text: str | None = None
+    data: bytes | None = None
+
+
+@body(PACKAGE.REQUEST_CHANGE_QUESTION_MARK)
+class ChangeQuestionMarkRequest(Body, frozen=True, kw_only=True):
+    text: str
+
+
+@body(PACKAGE.ANSWER_CHANGE_QUESTION_MARK)
+class ChangeQuestionMarkAnswer(Body, frozen=True, kw_only=True):
+    text: str
+
+
+@body(PACKAGE.REQUEST_SERVER_INFO)
+class ServerInfoRequest(Body, frozen=True, kw_only=True):
+    pass
+
+
+@body(PACKAGE.ANSWER_SERVER_INFO)
+class ServerInfoAnswer(Body, frozen=True, kw_only=True):
+    version: str
+    uptime_s: float
+    open_connections: int
+    requests_served: int
+    config: dict[str, Any]
+    database: dict[str, Any] | None = None  # DB_INFO's fields; None without a database
+
+
+@body(PACKAGE.REQUEST_KV_PUT)
+class KvPutRequest(Body, frozen=True, kw_only=True):
+    """Store ``value`` under ``key``; with ``expected_version`` only if the key is at that
+    version (0: only if the key does not exist), else the answer is CONFLICT."""
+
+    key: str
+    value: bytes
+    expected_version: int | None = None
+
+
+@body(PACKAGE.ANSWER_KV_PUT)
+class KvPutAnswer(Body, frozen=True, kw_only=True):
+    version: int
+
+
+@body(PACKAGE.REQUEST_KV_GET)
+class KvGetRequest(Body, frozen=True, kw_only=True):
+    key: str
+
+
+@body(PACKAGE.ANSWER_KV_GET)
+class KvGetAnswer(Body, frozen=True, kw_only=True):
+    value: bytes
+    version: int
+
+
+@body(PACKAGE.REQUEST_KV_DELETE)
+class KvDeleteRequest(Body, frozen=True, kw_only=True):
+    key: str
+    expected_version: int | None = None
+
+
+@body(PACKAGE.ANSWER_KV_DELETE)
+class KvDeleteAnswer(Body, frozen=True, kw_only=True):
+    deleted: bool
+
+
+@body(PACKAGE.REQUEST_KV_LIST)
+class KvListRequest(Body, frozen=True, kw_only=True):
+    """Keys starting with ``prefix`` in byte order, ``limit`` at a time, after ``cursor``."""
+
+    prefix: str = ""
+    limit: int = 100
+    cursor: str = ""
+
+
+class KvItem(msgspec.Struct, frozen=True, kw_only=True):
+    key: str
+    version: int
+    size: int  # bytes of the value
+
+
+@body(PACKAGE.ANSWER_KV_LIST)
+class KvListAnswer(Body, frozen=True, kw_only=True):
+    items: list[KvItem]
+    next_cursor: str = ""  # pass as ``cursor`` for the next page; empty after the last
+
+
+@body(PACKAGE.REQUEST_DB_INFO)
+class DbInfoRequest(Body, frozen=True, kw_only=True):
+    pass
+
+
+@body(PACKAGE.ANSWER_DB_INFO)
+class DbInfoAnswer(Body, frozen=True, kw_only=True):
+    backend: str
+    server_version: str
+    pool_size: int
+    pool_in_use: int
+    pool_idle: int
+    reachable: bool
+
+
+# ---- your bodies go here, above the check ---------------------------------------------
+
+
+def _check_packages() -> dict[PACKAGE, PACKAGE]:
+    """Refuse, at import, unpaired requests or answers and types without a body schema."""
+    problems: list[str] = []
+    answers: dict[PACKAGE, PACKAGE] = {}
+    for kind in PACKAGE:
+        if not 0 < kind.value <= 0xFFFF:
+            problems.append(f"{kind.name} = {kind.value} does not fit the uint16 type field")
+        if kind not in _BODY_TYPES:
+            problems.append(f"{kind.name} has no body class (decorate one with @body)")
+        name = kind.name
+        if name.startswith(REQUEST_PREFIX):
+            answer_name = ANSWER_PREFIX + name.removeprefix(REQUEST_PREFIX)
+            if answer_name not in PACKAGE.__members__:
+                problems.append(f"{name} has no {answer_name}")
+            else:
+                answers[kind] = PACKAGE[answer_name]
+        elif name.startswith(ANSWER_PREFIX):
+            request_name = REQUEST_PREFIX + name.removeprefix(ANSWER_PREFIX)
+            if kind is not PACKAGE.ANSWER_ERROR and request_name not in PACKAGE.__members__:
+                problems.append(f"{name} answers no {request_name}")
+        elif not name.startswith(EVENT_PREFIX):
+            problems.append(f"{name} must start with REQUEST_, ANSWER_ or EVENT_")
+    if problems:
+        raise TypeError("PACKAGE is inconsistent: " + "; ".join(problems))
+    return answers
+
+
+# ---- the check: runs at import, after every body above ---------------------------------
+
+_ANSWER_FOR: Final = _check_packages()
+
+_ENCODER: Final = msgspec.msgpack.Encoder()
+_DECODERS: Final = {kind: msgspec.msgpack.Decoder(cls) for kind, cls in _BODY_TYPES.items()}

@@ -1,0 +1,181 @@
+"""Package types, bodies, error codes and action routing, without a network."""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import actions
+import config
+import package
+from context import App, Context
+from package import (
+    PACKAGE,
+    Body,
+    EchoAnswer,
+    EchoRequest,
+    ErrorAnswer,
+    ErrorCode,
+    RPCError,
+    ServerInfoAnswer,
+    UnknownRemoteError,
+    answer_kind_for,
+    body_type,
+    is_request,
+)
+from protocol import Frame
+
+REQUESTS = [kind for kind in PACKAGE if is_request(kind)]
+
+
+def test_every_request_has_its_answer_and_every_type_a_body() -> None:
+    assert REQUESTS
+    for kind in REQUESTS:
+        answer = answer_kind_for(kind)
+        assert answer.name == kind.name.replace("REQUEST_", "ANSWER_", 1)
+    for kind in PACKAGE:
+        assert issubclass(body_type(kind), Body)
+    assert package._check_packages() == {kind: answer_kind_for(kind) for kind in REQUESTS}
+
+
+def test_a_second_body_for_one_type_is_refused() -> None:
+    with pytest.raises(TypeError, match="REQUEST_ECHO already has body EchoRequest"):
+
+        @package.body(PACKAGE.REQUEST_ECHO)
+        class Another(Body, frozen=True, kw_only=True):
+            pass
+
+
+def test_every_request_has_an_action() -> None:
+    actions.check_actions()
+    assert set(REQUESTS) <= set(actions.ACTIONS)
+
+
+def test_actions_only_serve_new_request_types() -> None:
+    async def handler(request: Any, ctx: Context) -> Body:
+        raise AssertionError
+
+    with pytest.raises(TypeError, match="not a request type"):
+        actions.action(PACKAGE.ANSWER_ECHO)(handler)
+    with pytest.raises(TypeError, match="already has action"):
+        actions.action(PACKAGE.REQUEST_ECHO)(handler)
+
+
+WIRE_INT = st.integers(-(2**63), 2**63 - 1)  # MessagePack carries 64-bit integers
+
+
+def wire_values(tp: Any) -> st.SearchStrategy[Any]:
+    """Values of type ``tp`` that MessagePack can carry, nested structs included."""
+    scalars = st.one_of(st.none(), st.booleans(), WIRE_INT, st.text())
+    if tp is int:
+        return WIRE_INT
+    if tp == dict[str, Any]:  # free-form maps: draw plain scalar values
+        return st.dictionaries(st.text(), scalars)
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        fields = {f.name: wire_values(f.type) for f in msgspec.structs.fields(tp)}
+        return st.builds(tp, **fields)
+    if typing.get_origin(tp) is list:
+        return st.lists(wire_values(typing.get_args(tp)[0]), max_size=3)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return st.one_of([wire_values(arg) for arg in typing.get_args(tp)])
+    return st.from_type(tp)
+
+
+def any_body(kind: PACKAGE) -> st.SearchStrategy[Body]:
+    """Bodies of ``kind`` with any field values MessagePack can carry."""
+    return wire_values(body_type(kind))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    st.sampled_from(list(PACKAGE)).flatmap(lambda kind: st.tuples(st.just(kind), any_body(kind)))
+)
+def test_every_body_round_trips(case: tuple[PACKAGE, Body]) -> None:
+    kind, value = case
+    packed = package.pack(kind, value)
+    decoded = package.unpack(kind, packed)
+    assert type(decoded) is type(value)
+    assert package.pack(kind, decoded) == packed  # bytewise: NaN != NaN as a value
+
+
+def test_invalid_bodies_name_the_problem() -> None:
+    with pytest.raises(package.InvalidArgument, match=r"Expected `str \| null`, got `int`"):
+        package.unpack(PACKAGE.REQUEST_ECHO, msgspec.msgpack.encode({"text": 5}))
+    with pytest.raises(package.InvalidArgument, match="invalid REQUEST_CHANGE_QUESTION_MARK"):
+        package.unpack(PACKAGE.REQUEST_CHANGE_QUESTION_MARK, b"\x80")
+    with pytest.raises(TypeError, match="REQUEST_ECHO carries EchoRequest, not EchoAnswer"):
+        package.pack(PACKAGE.REQUEST_ECHO, EchoAnswer(text="x"))
+
+
+def test_each_error_code_has_one_class_and_travels_back() -> None:
+    for code in ErrorCode:
+        cls = RPCError._by_code[code]
+        error = cls("went wrong", hint="do this")
+        rebuilt = package.error_from_answer(error.to_answer())
+        assert type(rebuilt) is cls and rebuilt.message == "went wrong"
+        assert str(rebuilt) == f"{code.name}: went wrong (do this)"
+    unknown = package.error_from_answer(ErrorAnswer(code=4242, message="new"))
+    assert isinstance(unknown, UnknownRemoteError) and str(unknown) == "error 4242: new"
+
+
+# ---- unpack_and_process without a network -----------------------------------------------------
+
+
+@pytest.fixture
+def ctx() -> Context:
+    return Context(app=App(config.Settings()), connection_id=1)
+
+
+def request_frame(kind: int, value: Body | bytes) -> Frame:
+    body = value if isinstance(value, bytes) else package.pack(PACKAGE(kind), value)
+    return Frame(kind, 1, body)
+
+
+async def error_of(frame: Frame, ctx: Context) -> ErrorAnswer:
+    kind, body = await actions.unpack_and_process(frame, ctx)
+    assert kind == PACKAGE.ANSWER_ERROR
+    answer = package.unpack(PACKAGE.ANSWER_ERROR, body)
+    assert isinstance(answer, ErrorAnswer)
+    return answer
+
+
+async def test_routing_answers_with_the_paired_type(ctx: Context) -> None:
+    kind, body = await actions.unpack_and_process(
+        request_frame(PACKAGE.REQUEST_ECHO, EchoRequest(text="a")), ctx
+    )
+    assert kind == PACKAGE.ANSWER_ECHO
+    assert package.unpack(kind, body) == EchoAnswer(text="a")
+    kind, body = await actions.unpack_and_process(
+        request_frame(PACKAGE.REQUEST_SERVER_INFO, b"\x80"), ctx
+    )
+    info = package.unpack(PACKAGE.ANSWER_SERVER_INFO, body)
+    assert isinstance(info, ServerInfoAnswer) and info.config["port"] == 1145
+
+
+async def test_routing_errors(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    unknown = await error_of(Frame(999, 1, b"\x80"), ctx)
+    assert unknown.code == ErrorCode.UNKNOWN_PACKAGE_TYPE
+    answer_type = await error_of(Frame(PACKAGE.ANSWER_PING, 1, b"\x80"), ctx)
+    assert answer_type.code == ErrorCode.UNKNOWN_PACKAGE_TYPE
+    invalid = await error_of(Frame(PACKAGE.REQUEST_ECHO, 1, b"\xc1"), ctx)
+    assert invalid.code == ErrorCode.INVALID_ARGUMENT
+
+    async def times_out(request: EchoRequest, ctx: Context) -> EchoAnswer:
+        raise TimeoutError
+
+    monkeypatch.setitem(actions.ACTIONS, PACKAGE.REQUEST_ECHO, times_out)
+    timeout = await error_of(request_frame(PACKAGE.REQUEST_ECHO, EchoRequest(text="x")), ctx)
+    assert timeout.code == ErrorCode.DEADLINE_EXCEEDED
+
+    async def wrong_answer(request: EchoRequest, ctx: Context) -> Body:
+        return ErrorAnswer(code=1, message="not an echo")
+
+    monkeypatch.setitem(actions.ACTIONS, PACKAGE.REQUEST_ECHO, wrong_answer)
+    internal = await error_of(request_frame(PACKAGE.REQUEST_ECHO, EchoRequest(text="x")), ctx)
+    assert internal.code == ErrorCode.INTERNAL and "log has details" in internal.message

@@ -1,0 +1,136 @@
+"""Helpers for programs: run an async main cleanly, build a client TLS context, set up logging."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, NoReturn
+
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_PROTOCOL",
+    "EXIT_TEMPFAIL",
+    "EXIT_UNAVAILABLE",
+    "describe_error",
+    "handle_run_main",
+    "new_event_loop_factory",
+    "resolve_client_ssl_context",
+    "setup_logging",
+]
+
+# Exit codes from BSD sysexits.h, so scripts can tell "try later" from "fix your setup".
+EXIT_ERROR = 1
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: server not reachable
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: timed out, try again
+EXIT_PROTOCOL = 76  # EX_PROTOCOL: TLS or framing mismatch
+EXIT_CONFIG = 78  # EX_CONFIG: bad configuration
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Log one line per event to stderr at ``level``."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+
+
+def new_event_loop_factory(use_uvloop: bool = True) -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop's loop when it is installed and wanted, else asyncio's default loop."""
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+def describe_error(exc: BaseException) -> tuple[str, int]:
+    """One line for a person (what failed, what to do) and the exit code, for ``exc``.
+
+    Exceptions of this project carry an ``exit_code`` attribute; network and TLS errors from the
+    standard library are recognised by type.
+    """
+    if isinstance(exc, KeyboardInterrupt | asyncio.CancelledError):
+        return "interrupted", EXIT_INTERRUPTED
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"TLS certificate check failed: {getattr(exc, 'verify_message', None) or exc}; "
+            "pass the server's CA with --cafile (or TLS_CA_FILE)",
+            EXIT_PROTOCOL,
+        )
+    if isinstance(exc, ssl.SSLError):
+        return (
+            f"TLS handshake failed ({getattr(exc, 'reason', None) or exc}); "
+            "does the server use TLS? Drop --tls for a plain server",
+            EXIT_PROTOCOL,
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return f"{_os_message(exc)}: is the server running?", EXIT_UNAVAILABLE
+    if isinstance(exc, TimeoutError):
+        return f"timed out: {exc}" if str(exc) else "timed out", EXIT_TEMPFAIL
+    if isinstance(exc, OSError):
+        return _os_message(exc), EXIT_UNAVAILABLE
+    return str(exc) or type(exc).__name__, getattr(exc, "exit_code", EXIT_ERROR)
+
+
+def _os_message(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def handle_run_main(
+    main: Callable[[], Coroutine[Any, Any, int | None]], *, use_uvloop: bool = True
+) -> NoReturn:
+    """Run ``main()`` on a fresh event loop and exit with its return code.
+
+    Ctrl-C, refused or reset connections, timeouts, TLS mismatches and errors of this project
+    end the program with one line on stderr and a sysexits-style code instead of a traceback.
+    Set ``LOG_LEVEL=DEBUG`` in the environment to see the traceback as well.
+    """
+    try:
+        with asyncio.Runner(loop_factory=new_event_loop_factory(use_uvloop)) as runner:
+            code = runner.run(main())
+    except (Exception, KeyboardInterrupt) as exc:
+        message, code = describe_error(exc)
+        if os.environ.get("LOG_LEVEL", "").upper() == "DEBUG":
+            logging.getLogger("pyasync").exception("main failed")
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(code or 0)
+
+
+def resolve_client_ssl_context(
+    *,
+    tls: bool = False,
+    cafile: str | None = None,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+    check_hostname: bool = True,
+) -> ssl.SSLContext | None:
+    """The client's TLS context, or None for plain TCP.
+
+    Args:
+        tls: use TLS; implied when ``cafile`` is given.
+        cafile: CA bundle that signed the server's certificate; the system's CAs when None.
+        certfile: client certificate chain, for servers that require one.
+        keyfile: its private key (defaults to ``certfile``).
+        check_hostname: verify the certificate names the host connected to.
+
+    Raises:
+        OSError: a file cannot be read.
+        ssl.SSLError: a file is not a valid certificate or key.
+    """
+    if not tls and not cafile:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = check_hostname
+    if certfile:
+        context.load_cert_chain(certfile, keyfile or None)
+    return context
