@@ -80,7 +80,7 @@ class Settings:
     )
     compression_threshold: int = setting(
         DEFAULT_COMPRESSION_THRESHOLD,
-        "Bodies of at least this many bytes are zstd-compressed.",
+        "Bodies of at least this many bytes are zstd-compressed; 0 turns compression off.",
         low=0,
     )
     compression_level: int = setting(

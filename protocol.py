@@ -98,7 +98,9 @@ class Frame:
 class Compression:
     """When and how bodies are compressed; a body that does not shrink is sent plain."""
 
-    threshold: int = DEFAULT_COMPRESSION_THRESHOLD  # bytes; bodies at or above it are compressed
+    threshold: int = (
+        DEFAULT_COMPRESSION_THRESHOLD  # bytes; bodies at or above it are compressed; 0: off
+    )
     level: int = DEFAULT_COMPRESSION_LEVEL
 
     def __post_init__(self) -> None:
@@ -143,7 +145,7 @@ def encode_frame(
         Header and body, ready for ``transport.write``.
     """
     flags = 0
-    if compression is not None and len(body) >= compression.threshold:
+    if compression is not None and 0 < compression.threshold <= len(body):
         packed = _compressor(compression.level).compress(body)
         if len(packed) < len(body):
             body, flags = packed, FLAG_COMPRESSED

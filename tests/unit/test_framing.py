@@ -183,3 +183,5 @@ def test_compression_threshold_and_incompressible_bodies() -> None:
     assert incompressible[3] == 0
     assert noise[3] in (0, FLAG_COMPRESSED)  # whichever is smaller; must decode either way
     assert decode_all(noise)[0].body == bytes(range(256)) * 4 + b"\x01"
+    off = encode_frame(4, 1, b"a" * 100_000, compression=Compression(threshold=0))
+    assert off[3] == 0 and len(off) == HEADER.size + 100_000
