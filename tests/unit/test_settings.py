@@ -11,7 +11,7 @@ import pytest
 import config
 import package
 import server_config
-from config import ConfigError, Settings
+from config import ConfigError, Settings, load_settings
 from tests.conftest import ROOT
 from utils import describe_error
 
@@ -61,10 +61,15 @@ def test_secrets_stay_out_of_repr_summary_and_errors() -> None:
     assert "hunter2" not in str(raised.value)
 
 
-def test_env_example_lists_every_setting() -> None:
+@pytest.mark.parametrize("settings_class", [Settings, server_config.DatabaseSettings])
+def test_env_example_and_readme_list_every_setting(settings_class: type) -> None:
     example = (ROOT / ".env.example").read_text()
-    for field in dataclasses.fields(Settings):
+    readme = (ROOT / "README.md").read_text()
+    for field in dataclasses.fields(settings_class):
         assert f"\n{field.name.upper()}=" in example
+        assert f"\n| `{field.name.upper()}` |" in readme
+    loaded = load_settings(settings_class, env_file=ROOT / ".env.example", environ={})
+    assert loaded == settings_class()  # the example shows the defaults
 
 
 def test_database_backend_setting() -> None:
