@@ -20,7 +20,14 @@ from typing import Any, cast
 import actions
 import config
 import server_config
-from actions import AppHook, ConnectionHook, error_answer, unpack_and_process
+from actions import (
+    AppHook,
+    ConnectionHook,
+    error_answer,
+    process_inline,
+    runs_inline,
+    unpack_and_process,
+)
 from config import ConfigError, Settings
 from context import App, Context, TLSInfo
 from package import (
@@ -147,9 +154,15 @@ class Connection(asyncio.Protocol):
     # ---- requests ---------------------------------------------------------------------------
 
     def _take_frames(self) -> None:
-        """Start tasks for complete frames while under the in-flight limit."""
+        """Answer or start every complete frame while under the in-flight limit.
+
+        Requests whose action never waits are answered inline, and those answers leave in one
+        write at the end: a pipelined burst costs one system call, not one per request.
+        """
         limit = self.settings.max_in_flight
+        compression = self.server.compression
         took_any = False
+        answers: list[bytes] = []
         while self.is_ready and not self.is_closing and len(self.tasks) < limit:
             try:
                 frame = self.decoder.next_frame()
@@ -164,9 +177,17 @@ class Connection(asyncio.Protocol):
                     frame.request_id, Unavailable("server is shutting down; retry elsewhere")
                 )
                 continue
+            if runs_inline(frame.kind) and (answer := process_inline(frame, self.ctx)):
+                kind, body = answer
+                answers.append(encode_frame(kind, frame.request_id, body, compression=compression))
+                continue
             task = self.loop.create_task(self._serve(frame))
             self.tasks.add(task)
             task.add_done_callback(self._request_done)
+        if answers:
+            self._answered(len(answers))
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(answers[0] if len(answers) == 1 else b"".join(answers))
         if not self.decoder.buffered:
             self.partial_frame_since = None
         elif took_any or self.partial_frame_since is None:
@@ -192,8 +213,11 @@ class Connection(asyncio.Protocol):
                 )
             raise
         self._send(kind, frame.request_id, body)
-        self.requests_answered += 1
-        self.server.app.stats.requests_served += 1
+        self._answered(1)
+
+    def _answered(self, count: int) -> None:
+        self.requests_answered += count
+        self.server.app.stats.requests_served += count
 
     def _request_done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)

@@ -179,3 +179,28 @@ async def test_routing_errors(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setitem(actions.ACTIONS, PACKAGE.REQUEST_ECHO, wrong_answer)
     internal = await error_of(request_frame(PACKAGE.REQUEST_ECHO, EchoRequest(text="x")), ctx)
     assert internal.code == ErrorCode.INTERNAL and "log has details" in internal.message
+
+
+def test_plain_actions_run_inline_and_coroutines_never_do(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    echo = request_frame(PACKAGE.REQUEST_ECHO, EchoRequest(text="now"))
+    assert actions.runs_inline(PACKAGE.REQUEST_ECHO) and not actions.runs_inline(
+        PACKAGE.REQUEST_KV_GET
+    )
+    assert actions.runs_inline(999)  # no action: the error answer needs no task
+    answered = actions.process_inline(echo, ctx)
+    assert answered is not None and package.unpack(*answered) == EchoAnswer(text="now")
+    unknown = actions.process_inline(Frame(999, 1, b"\x80"), ctx)
+    assert unknown is not None and unknown[0] == PACKAGE.ANSWER_ERROR
+
+    calls: list[str] = []
+
+    class AsyncCallable:  # not a coroutine function, yet calling it makes a coroutine
+        async def __call__(self, request: EchoRequest, ctx: Context) -> EchoAnswer:
+            calls.append("ran")
+            return EchoAnswer(text="later")
+
+    monkeypatch.setitem(actions.ACTIONS, PACKAGE.REQUEST_ECHO, AsyncCallable())
+    assert actions.process_inline(echo, ctx) is None  # hand it to a task instead
+    assert calls == [] and not actions.runs_inline(PACKAGE.REQUEST_ECHO)

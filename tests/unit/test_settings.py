@@ -68,7 +68,7 @@ def test_env_example_and_readme_list_every_setting(settings_class: type) -> None
     for field in dataclasses.fields(settings_class):
         assert f"\n{field.name.upper()}=" in example
         assert f"\n| `{field.name.upper()}` |" in readme
-    loaded = load_settings(settings_class, env_file=ROOT / ".env.example", environ={})
+    loaded: object = load_settings(settings_class, env_file=ROOT / ".env.example", environ={})
     assert loaded == settings_class()  # the example shows the defaults
 
 
