@@ -1,20 +1,20 @@
-"""KV_GET through the server versus the same lookup straight through the driver, per backend.
+"""The direct-driver side of the database benchmark: fill a table, then time lookups in it.
 
-Run ``python bench/kv_get.py`` with MariaDB and PostgreSQL at PYASYNC_MYSQL_URL/PYASYNC_PG_URL
-(defaults as in tests/db). Both sides run 64 concurrent lookups of random keys in a
-10,000-row table with a pool of 10 connections; the server runs as ``python server.py``.
+``python bench/kv_get.py fill --backend B`` (re)creates a 10,000-row key-value table;
+``python bench/kv_get.py direct --backend B`` runs 64 concurrent ``SELECT``s of random keys
+through the driver's own pool of 10 and prints one JSON line. ``bench/run.py`` compares that
+with ``KV_GET`` through the server on the same table, with the same concurrency and pool size.
+MariaDB and PostgreSQL are found at PYASYNC_MYSQL_URL / PYASYNC_PG_URL (defaults as in tests/db).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
-import socket
 import sys
-import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,11 +25,10 @@ sys.path.insert(0, str(ROOT))
 import aiomysql  # noqa: E402
 import aiosqlite  # noqa: E402
 import asyncpg  # noqa: E402
+import uvloop  # noqa: E402
 
 import actions  # noqa: E402
-from client import Client  # noqa: E402
 from database import Pool  # noqa: E402
-from package import PACKAGE, KvGetRequest  # noqa: E402
 from server_config import DatabaseSettings  # noqa: E402
 
 ROWS = 10_000
@@ -57,11 +56,11 @@ async def fill(settings: DatabaseSettings) -> None:
     await pool.close()
 
 
-async def measure(lookup: Callable[[str], Awaitable[Any]], seconds: float) -> float:
-    """Lookups per second with CONCURRENCY workers, after a one-second warm-up."""
+async def measure(lookup: Callable[[str], Awaitable[Any]], warmup: float, seconds: float) -> float:
+    """Lookups per second with CONCURRENCY workers, counted after ``warmup`` seconds."""
     loop = asyncio.get_running_loop()
     done = 0
-    start = loop.time() + 1.0
+    start = loop.time() + warmup
     stop = start + seconds
 
     async def worker() -> None:
@@ -75,7 +74,7 @@ async def measure(lookup: Callable[[str], Awaitable[Any]], seconds: float) -> fl
     return done / seconds
 
 
-async def direct(backend: str, settings: DatabaseSettings, seconds: float) -> float:
+async def direct(backend: str, settings: DatabaseSettings, warmup: float, seconds: float) -> float:
     """The same SELECT through the driver's own pool (or 10 aiosqlite connections)."""
     sql = f"SELECT v, version FROM {TABLE} WHERE k = "
     address = settings.address
@@ -85,7 +84,7 @@ async def direct(backend: str, settings: DatabaseSettings, seconds: float) -> fl
             database=address["database"], min_size=POOL_SIZE, max_size=POOL_SIZE,
         )  # fmt: skip
         try:
-            return await measure(lambda key: pg.fetchrow(sql + "$1", key), seconds)
+            return await measure(lambda key: pg.fetchrow(sql + "$1", key), warmup, seconds)
         finally:
             await pg.close()
     if backend == "mariadb":
@@ -100,7 +99,7 @@ async def direct(backend: str, settings: DatabaseSettings, seconds: float) -> fl
                 return await cursor.fetchone()
 
         try:
-            return await measure(my_lookup, seconds)
+            return await measure(my_lookup, warmup, seconds)
         finally:
             my.close()
             await my.wait_closed()
@@ -117,77 +116,33 @@ async def direct(backend: str, settings: DatabaseSettings, seconds: float) -> fl
             connections.put_nowait(conn)
 
     try:
-        return await measure(sqlite_lookup, seconds)
+        return await measure(sqlite_lookup, warmup, seconds)
     finally:
         while not connections.empty():
             await connections.get_nowait().close()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-async def through_server(backend: str, settings: DatabaseSettings, seconds: float) -> float:
-    """KV_GET over 8 connections x 8 in flight to ``python server.py`` on its own process."""
-    port = free_port()
-    env = {
-        **os.environ, "PORT": str(port), "LOG_LEVEL": "WARNING", "KV_TABLE": TABLE,
-        "DB_POOL_MIN_SIZE": str(POOL_SIZE), "DB_POOL_MAX_SIZE": str(POOL_SIZE),
-        "DB_BACKEND": backend, "DB_URL": URLS.get(backend, ""),
-        "SQLITE_PATH": settings.sqlite_file,
-    }  # fmt: skip
-    server = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "server.py"), "--env-file", os.devnull, env=env
-    )
-    try:
-        for _ in range(100):
-            try:
-                clients = [await Client("127.0.0.1", port).connect() for _ in range(8)]
-                break
-            except ConnectionRefusedError:
-                await asyncio.sleep(0.1)
-        else:
-            raise RuntimeError("server did not start")
-        turn = iter(range(1 << 62))
-
-        async def lookup(key: str) -> Any:
-            client = clients[next(turn) % len(clients)]
-            return await client.request(PACKAGE.REQUEST_KV_GET, KvGetRequest(key=key))
-
-        rate = await measure(lookup, seconds)
-        for client in clients:
-            await client.close()
-        return rate
-    finally:
-        server.terminate()
-        await asyncio.wait_for(server.wait(), 15)
+def settings_for(backend: str, sqlite_path: str) -> DatabaseSettings:
+    if backend == "sqlite":
+        return DatabaseSettings(sqlite_path=sqlite_path)
+    return DatabaseSettings(db_url=URLS[backend])
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--backends", default="sqlite,mariadb,postgres")
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["fill", "direct"])
+    parser.add_argument("--backend", choices=["sqlite", "mariadb", "postgres"], required=True)
+    parser.add_argument("--sqlite-path", default="bench.sqlite3")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--duration", type=float, default=8.0)
     args = parser.parse_args()
-    print(f"{CONCURRENCY} concurrent KV_GET, pool {POOL_SIZE}, {ROWS:,} rows, {args.duration:g} s")
-    print(f"{'backend':10} {'direct/s':>10} {'server/s':>10} {'ratio':>7}")
-    with tempfile.TemporaryDirectory() as folder:
-        for backend in args.backends.split(","):
-            if backend == "sqlite":
-                settings = DatabaseSettings(sqlite_path=str(Path(folder) / "bench.sqlite3"))
-            else:
-                settings = DatabaseSettings(db_url=URLS[backend])
-            await fill(settings)
-            started = time.perf_counter()
-            rate_direct = await direct(backend, settings, args.duration)
-            rate_server = await through_server(backend, settings, args.duration)
-            print(
-                f"{backend:10} {rate_direct:10,.0f} {rate_server:10,.0f} "
-                f"{rate_server / rate_direct:7.2f}   ({time.perf_counter() - started:.0f} s)",
-                flush=True,
-            )
+    settings = settings_for(args.backend, args.sqlite_path)
+    if args.command == "fill":
+        await fill(settings)
+        return
+    rate = await direct(args.backend, settings, args.warmup, args.duration)
+    print(json.dumps({"rps": rate, "duration_s": args.duration}))
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    uvloop.run(main())

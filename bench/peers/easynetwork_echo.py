@@ -1,4 +1,6 @@
-"""easynetwork TCP echo peer: JSON documents, one per line, sent back unchanged.
+"""easynetwork TCP echo peer: each JSON document (one per line) is decoded and sent back.
+
+JSONSerializer re-encodes compactly, so canonical documents such as `"xxxxxxxx"` echo byte for byte.
 
 Usage: python bench/peers/easynetwork_echo.py --port P [--uvloop]
 """
@@ -17,14 +19,14 @@ from easynetwork.servers import AsyncTCPNetworkServer
 from easynetwork.servers.handlers import AsyncStreamClient, AsyncStreamRequestHandler
 
 HOST = "127.0.0.1"
+MAX_DOCUMENT = 64 * 1024 * 1024  # easynetwork defaults to 64 KiB per line; allow large payloads
 
 
 class EchoHandler(AsyncStreamRequestHandler[Any, Any]):
     async def handle(self, client: AsyncStreamClient[Any]) -> AsyncGenerator[None, Any]:
-        # One generator per connection: a fresh generator per request works too, but costs more.
-        while True:
-            request = yield
-            await client.send_packet(request)
+        # As in the easynetwork tutorial: one request per generator; the server starts a new one.
+        request = yield
+        await client.send_packet(request)
 
 
 async def serve(port: int) -> None:
@@ -33,7 +35,7 @@ async def serve(port: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    protocol: StreamProtocol[Any, Any] = StreamProtocol(JSONSerializer())
+    protocol: StreamProtocol[Any, Any] = StreamProtocol(JSONSerializer(limit=MAX_DOCUMENT))
     server = AsyncTCPNetworkServer(HOST, port, protocol, EchoHandler(), log_client_connection=False)
     async with server, asyncio.TaskGroup() as tasks:
         is_up = asyncio.Event()

@@ -1,0 +1,1097 @@
+/*
+ * loadgen: a small single-threaded closed-loop load generator for echo servers.
+ *
+ * Build:  cc -O2 -o loadgen bench/loadgen.c -lssl -lcrypto
+ *
+ * Usage:  loadgen --host 127.0.0.1 --port P --proto pyasync|floor|line
+ *                 --connections N --inflight K --size BYTES --warmup SEC --duration SEC
+ *                 [--tls] [--tls-insecure] [--cafile PEM]
+ *
+ * It opens N connections (TLS handshakes included) before the warm-up starts, writes K
+ * pipelined requests on each and writes a new one for every answer it reads (closed loop).
+ * Answers read during the first --warmup seconds are not counted; then it counts for
+ * --duration seconds and prints one JSON object on stdout:
+ *
+ *   {"proto":..,"connections":N,"inflight":K,"size":S,"tls":bool,"duration_s":..,
+ *    "requests":..,"rps":..,"mb_per_s":..,"errors":..,"p50_us":..,"p90_us":..,
+ *    "p99_us":..,"p999_us":..,"max_us":..}
+ *
+ * "requests" counts echo answers only; error answers (pyasync ANSWER_ERROR) are counted in
+ * "errors" and not in "requests" or the latencies. "mb_per_s" is payload bytes echoed
+ * (request payload + answer payload) / 2 per second, in 10^6 bytes. Latency runs from the
+ * moment the first byte of a request is handed to the kernel (or to TLS) to the moment its
+ * answer has been read completely; it is kept in a log-linear histogram with < 0.8% error.
+ *
+ * Wire formats (big-endian):
+ *   pyasync  18-byte header "!2sBBHIII" (magic "PY", version 1, flags, type, request id,
+ *            timeout ms, body length); REQUEST_ECHO (4) with MessagePack {"data": bin},
+ *            answered by ANSWER_ECHO (5) or ANSWER_ERROR (1). Compressed answers are not
+ *            supported: run the server with compression off (a COMPRESSION_THRESHOLD above
+ *            the body size; note that 0 means "compress everything").
+ *   floor    8-byte header (body length u32, request id u32), then the raw payload; echoed.
+ *   line     one JSON string of --size letters and "\n" per request; answers in order.
+ *
+ * Exit status: 0 done, 1 the server closed a connection or sent something unexpected,
+ * 2 a connection (or TLS handshake) could not be set up or bad arguments.
+ */
+
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <limits.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+
+/* ---------------------------------------------------------------------------------------- */
+/* Settings and globals                                                                      */
+
+enum proto { P_PYASYNC, P_FLOOR, P_LINE };
+
+#define PY_HEADER 18
+#define FLOOR_HEADER 8
+#define PFX_MAX 32                     /* largest request prefix (header + body preamble) */
+#define MAX_BODY (1024u * 1024u * 1024u) /* sanity limit on an answer body */
+#define RBUF_INIT (64 * 1024)
+#define RMIN_FREE (16 * 1024)
+#define RBIG (64 * 1024)               /* frames above this are read exactly, never moved */
+#define WBUF_MAX (256 * 1024)          /* TLS staging buffer limit per connection */
+#define IOV_BATCH 256
+#define MAX_EVENTS 256
+#define SETUP_TIMEOUT_NS (30ull * 1000000000ull)
+
+static const char *opt_host = "127.0.0.1";
+static int opt_port = -1;
+static enum proto opt_proto = P_PYASYNC;
+static const char *opt_proto_name = NULL;
+static long opt_conns = 1;
+static long opt_inflight = 1;
+static long opt_size = 32;
+static double opt_warmup = 1.0;
+static double opt_duration = 5.0;
+static int opt_tls = 0;
+static int opt_insecure = 0;
+static const char *opt_cafile = NULL;
+
+static uint32_t K;                     /* requests in flight per connection */
+static unsigned char *g_payload;       /* shared request payload (size bytes) */
+static size_t g_size;                  /* payload bytes */
+static unsigned char g_prefix[PFX_MAX]; /* request prefix template */
+static size_t g_plen;                  /* prefix bytes */
+static const unsigned char *g_suffix = (const unsigned char *)"\"\n";
+static size_t g_slen;                  /* suffix bytes (line only) */
+static size_t g_reqlen;                /* whole request on the wire */
+static uint32_t g_bodylen;             /* request body length (pyasync, floor) */
+static size_t g_linelen;               /* expected answer line, newline included */
+
+static int g_ep = -1;
+static SSL_CTX *g_ctx;
+
+/* phases: -1 setup, 0 warm-up, 1 measuring, 2 done */
+static int g_phase = -1;
+static uint64_t g_warm_end, g_t_start, g_t_stop, g_dur_ns;
+static uint64_t g_requests, g_errors;
+
+/* ---------------------------------------------------------------------------------------- */
+/* Small helpers                                                                             */
+
+static void die(int code, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));
+static void die(int code, const char *fmt, ...)
+{
+    va_list ap;
+    fputs("loadgen: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    exit(code);
+}
+
+static const char *ssl_errstr(void)
+{
+    static char buf[256];
+    unsigned long e = ERR_get_error();
+    if (e == 0)
+        return errno ? strerror(errno) : "unknown error";
+    ERR_error_string_n(e, buf, sizeof buf);
+    ERR_clear_error();
+    return buf;
+}
+
+static inline uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static inline uint32_t be32(const unsigned char *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+static inline uint16_t be16(const unsigned char *p) { return (uint16_t)((p[0] << 8) | p[1]); }
+
+static inline void put32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)(v >> 24);
+    p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8);
+    p[3] = (unsigned char)v;
+}
+
+static void *xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (!p)
+        die(2, "out of memory (%zu bytes)", n);
+    return p;
+}
+
+static void *xcalloc(size_t n, size_t m)
+{
+    void *p = calloc(n ? n : 1, m ? m : 1);
+    if (!p)
+        die(2, "out of memory");
+    return p;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Latency histogram: log-linear, nanoseconds, 128 sub-buckets per power of two (< 0.8%)     */
+
+#define H_SUBBITS 7
+#define H_SUB (1u << H_SUBBITS)
+#define H_BUCKETS (2 * H_SUB + 32 * H_SUB)
+#define H_MAX_NS (60ull * 1000000000ull)
+
+static uint64_t g_hist[H_BUCKETS];
+static uint64_t g_hist_max;
+
+static inline unsigned h_index(uint64_t v)
+{
+    if (v < 2 * H_SUB)
+        return (unsigned)v;
+    unsigned msb = 63u - (unsigned)__builtin_clzll(v);
+    unsigned shift = msb - H_SUBBITS;
+    return 2 * H_SUB + (shift - 1) * H_SUB + (unsigned)((v >> shift) - H_SUB);
+}
+
+static inline void h_record(uint64_t v)
+{
+    if (v > H_MAX_NS)
+        v = H_MAX_NS;
+    if (v > g_hist_max)
+        g_hist_max = v;
+    g_hist[h_index(v)]++;
+}
+
+/* middle of a bucket, in ns */
+static double h_value(unsigned idx)
+{
+    if (idx < 2 * H_SUB)
+        return (double)idx;
+    unsigned k = idx - 2 * H_SUB;
+    unsigned shift = k / H_SUB + 1;
+    uint64_t lo = (uint64_t)(k % H_SUB + H_SUB) << shift;
+    uint64_t width = 1ull << shift;
+    return (double)lo + (double)(width - 1) / 2.0;
+}
+
+static double h_percentile_us(double pct, uint64_t total)
+{
+    if (total == 0)
+        return 0.0;
+    uint64_t target = (uint64_t)((double)total * pct / 100.0 + 0.999999);
+    if (target < 1)
+        target = 1;
+    if (target > total)
+        target = total;
+    uint64_t seen = 0;
+    for (unsigned i = 0; i < H_BUCKETS; i++) {
+        seen += g_hist[i];
+        if (seen >= target) {
+            double v = h_value(i);
+            if (v > (double)g_hist_max)
+                v = (double)g_hist_max;
+            return v / 1000.0;
+        }
+    }
+    return (double)g_hist_max / 1000.0;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Connections                                                                               */
+
+struct conn {
+    int fd;
+    int state;                 /* 0 connecting, 1 TLS handshake, 2 ready */
+    SSL *ssl;
+    uint32_t events;           /* registered epoll events */
+    int out_blocked;           /* a write could not complete: wait for EPOLLOUT */
+    int tls_read_wants_write;  /* SSL_read returned WANT_WRITE */
+
+    /* read side: bytes [rpos, rlen) of rbuf are unparsed */
+    unsigned char *rbuf;
+    size_t rcap, rpos, rlen;
+    size_t rneed;              /* bytes the frame at rpos needs, 0 if unknown */
+    size_t rscan;              /* line: bytes after rpos already searched for '\n' */
+
+    /* per request slot */
+    uint64_t *ts;              /* send time */
+    uint32_t *ids;             /* request id on the wire */
+    uint32_t *gen;             /* reuse counter, to make ids differ */
+    unsigned char *busy;       /* in flight (queued or sent, not answered) */
+    unsigned char *pfx;        /* per-slot prefix (pyasync, floor): K * PFX_MAX */
+    uint32_t line_next;        /* line: slot of the next expected answer */
+
+    /* write queue: ring of slots, head request has qoff bytes written */
+    uint32_t *q;
+    uint32_t qhead, qcount;
+    size_t qoff;
+
+    /* TLS staging buffer: bytes [wpos, wlen) still to go to SSL_write */
+    unsigned char *wbuf;
+    size_t wcap, wpos, wlen;
+};
+
+static struct conn *g_conns;
+
+static void set_events(struct conn *c)
+{
+    uint32_t ev = EPOLLIN;
+    if (c->out_blocked || c->tls_read_wants_write)
+        ev |= EPOLLOUT;
+    if (ev == c->events)
+        return;
+    struct epoll_event e = {.events = ev, .data.ptr = c};
+    if (epoll_ctl(g_ep, EPOLL_CTL_MOD, c->fd, &e) < 0)
+        die(1, "epoll_ctl: %s", strerror(errno));
+    c->events = ev;
+}
+
+static inline const unsigned char *prefix_of(const struct conn *c, uint32_t slot)
+{
+    return opt_proto == P_LINE ? g_prefix : c->pfx + (size_t)slot * PFX_MAX;
+}
+
+/* Queue the request of a free slot (with a fresh id). */
+static inline void enqueue(struct conn *c, uint32_t slot)
+{
+    if (opt_proto != P_LINE) {
+        uint64_t id = (uint64_t)(++c->gen[slot]) * K + slot + 1;
+        if (id > 0xFFFFFFFFull) {
+            c->gen[slot] = 0;
+            id = slot + 1;
+        }
+        c->ids[slot] = (uint32_t)id;
+        put32(c->pfx + (size_t)slot * PFX_MAX + (opt_proto == P_PYASYNC ? 6 : 4), (uint32_t)id);
+    }
+    c->busy[slot] = 1;
+    uint32_t tail = c->qhead + c->qcount;
+    if (tail >= K)
+        tail -= K;
+    c->q[tail] = slot;
+    c->qcount++;
+}
+
+/* Describe up to maxbytes of queued request bytes as iovecs, without copying. */
+static int gather(const struct conn *c, struct iovec *iov, int maxiov, size_t maxbytes,
+                  size_t *outbytes)
+{
+    int n = 0;
+    size_t bytes = 0, off = c->qoff;
+    uint32_t pos = c->qhead;
+    for (uint32_t i = 0; i < c->qcount && bytes < maxbytes && n + 3 <= maxiov; i++) {
+        uint32_t slot = c->q[pos];
+        if (++pos == K)
+            pos = 0;
+        const unsigned char *segp[3] = {prefix_of(c, slot), g_payload, g_suffix};
+        size_t segl[3] = {g_plen, g_size, g_slen};
+        for (int s = 0; s < 3 && bytes < maxbytes; s++) {
+            if (off >= segl[s]) {
+                off -= segl[s];
+                continue;
+            }
+            size_t l = segl[s] - off;
+            if (l > maxbytes - bytes)
+                l = maxbytes - bytes;
+            iov[n].iov_base = (void *)(segp[s] + off);
+            iov[n].iov_len = l;
+            n++;
+            bytes += l;
+            off = 0;
+        }
+        off = 0;
+    }
+    *outbytes = bytes;
+    return n;
+}
+
+/* w bytes of the queue went out: stamp requests whose first byte left, drop finished ones. */
+static inline void advance(struct conn *c, size_t w, uint64_t now)
+{
+    while (w > 0) {
+        uint32_t slot = c->q[c->qhead];
+        if (c->qoff == 0)
+            c->ts[slot] = now;
+        size_t rem = g_reqlen - c->qoff;
+        if (w >= rem) {
+            w -= rem;
+            c->qoff = 0;
+            if (++c->qhead == K)
+                c->qhead = 0;
+            c->qcount--;
+        } else {
+            c->qoff += w;
+            w = 0;
+        }
+    }
+}
+
+static void flush_tcp(struct conn *c)
+{
+    struct iovec iov[IOV_BATCH];
+    while (c->qcount) {
+        size_t bytes;
+        int n = gather(c, iov, IOV_BATCH, (size_t)SSIZE_MAX, &bytes);
+        uint64_t now = now_ns();
+        ssize_t w = writev(c->fd, iov, n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                c->out_blocked = 1;
+                set_events(c);
+                return;
+            }
+            die(1, "connection %d: closed by server (write: %s)", (int)(c - g_conns),
+                strerror(errno));
+        }
+        advance(c, (size_t)w, now);
+        if ((size_t)w < bytes) { /* socket buffer full */
+            c->out_blocked = 1;
+            set_events(c);
+            return;
+        }
+    }
+    c->out_blocked = 0;
+    set_events(c);
+}
+
+static void flush_tls(struct conn *c)
+{
+    struct iovec iov[IOV_BATCH];
+    for (;;) {
+        if (c->wpos < c->wlen) {
+            ERR_clear_error();
+            int r = SSL_write(c->ssl, c->wbuf + c->wpos, (int)(c->wlen - c->wpos));
+            if (r > 0) {
+                c->wpos += (size_t)r;
+                continue;
+            }
+            int e = SSL_get_error(c->ssl, r);
+            if (e == SSL_ERROR_WANT_WRITE) {
+                c->out_blocked = 1;
+                set_events(c);
+                return;
+            }
+            if (e == SSL_ERROR_WANT_READ) { /* retried after the next read */
+                c->out_blocked = 0;
+                set_events(c);
+                return;
+            }
+            die(1, "connection %d: TLS write failed (closed by server?): %s",
+                (int)(c - g_conns), ssl_errstr());
+        }
+        c->wpos = c->wlen = 0;
+        if (!c->qcount)
+            break;
+        size_t bytes;
+        int n = gather(c, iov, IOV_BATCH, c->wcap, &bytes);
+        unsigned char *d = c->wbuf;
+        for (int i = 0; i < n; i++) {
+            memcpy(d, iov[i].iov_base, iov[i].iov_len);
+            d += iov[i].iov_len;
+        }
+        c->wlen = bytes;
+        advance(c, bytes, now_ns());
+    }
+    c->out_blocked = 0;
+    set_events(c);
+}
+
+static inline void flush(struct conn *c)
+{
+    if (c->ssl)
+        flush_tls(c);
+    else
+        flush_tcp(c);
+}
+
+static inline int has_output(const struct conn *c) { return c->qcount || c->wpos < c->wlen; }
+
+/* ---------------------------------------------------------------------------------------- */
+/* Phases and answers                                                                        */
+
+static void phase_check(uint64_t now)
+{
+    if (g_phase == 0 && now >= g_warm_end) {
+        g_phase = 1;
+        g_t_start = now;
+        g_requests = g_errors = 0;
+        memset(g_hist, 0, sizeof g_hist);
+        g_hist_max = 0;
+    }
+    if (g_phase == 1 && now >= g_t_start + g_dur_ns) {
+        g_phase = 2;
+        g_t_stop = now;
+    }
+}
+
+static inline void answered(struct conn *c, uint32_t slot, uint64_t now, int is_error)
+{
+    if (g_phase == 1) {
+        if (is_error)
+            g_errors++;
+        else {
+            g_requests++;
+            h_record(now - c->ts[slot]);
+        }
+    }
+    c->busy[slot] = 0;
+    enqueue(c, slot);
+}
+
+static void show_body(const char *what, struct conn *c, uint32_t type, const unsigned char *b,
+                      uint32_t len)
+{
+    char text[201];
+    size_t n = 0;
+    for (uint32_t i = 0; i < len && n < sizeof text - 1; i++)
+        text[n++] = (b[i] >= 0x20 && b[i] < 0x7f) ? (char)b[i] : '.';
+    text[n] = 0;
+    die(1, "connection %d: %s (type %u, %u body bytes): %s", (int)(c - g_conns), what, type, len,
+        text);
+}
+
+static inline uint32_t slot_of_id(struct conn *c, uint32_t id)
+{
+    uint32_t slot = (id - 1) % K;
+    if (id == 0 || !c->busy[slot] || c->ids[slot] != id)
+        die(1, "connection %d: answer with unknown request id %u", (int)(c - g_conns), id);
+    return slot;
+}
+
+/* Parse every complete answer in the read buffer (in place). */
+static void parse(struct conn *c, uint64_t now)
+{
+    for (;;) {
+        unsigned char *p = c->rbuf + c->rpos;
+        size_t avail = c->rlen - c->rpos;
+        if (opt_proto == P_PYASYNC) {
+            if (avail < PY_HEADER) {
+                c->rneed = PY_HEADER;
+                break;
+            }
+            if (p[0] != 0x50 || p[1] != 0x59 || p[2] != 1 || (p[3] & 0xfe))
+                die(1, "connection %d: malformed answer header (magic/version/flags %02x %02x "
+                       "%02x %02x)", (int)(c - g_conns), p[0], p[1], p[2], p[3]);
+            uint32_t blen = be32(p + 14);
+            if (blen > MAX_BODY)
+                die(1, "connection %d: malformed answer: body length %u", (int)(c - g_conns),
+                    blen);
+            if (avail < PY_HEADER + (size_t)blen) {
+                c->rneed = PY_HEADER + (size_t)blen;
+                break;
+            }
+            uint16_t type = be16(p + 4);
+            uint32_t id = be32(p + 6);
+            const unsigned char *body = p + PY_HEADER;
+            if (p[3] & 1)
+                die(1, "connection %d: compressed answer (flags bit 0); start the server with "
+                       "compression off, e.g. COMPRESSION_THRESHOLD=2147483647 (0 compresses "
+                       "everything)", (int)(c - g_conns));
+            if (id == 0)
+                show_body("server frame with request id 0", c, type, body, blen);
+            if (type == 5) {
+                uint32_t slot = slot_of_id(c, id);
+                if (blen != g_bodylen ||
+                    memcmp(body, g_prefix + PY_HEADER, g_plen - PY_HEADER) != 0)
+                    die(1, "connection %d: malformed echo answer (body %u bytes, sent %u)",
+                        (int)(c - g_conns), blen, g_bodylen);
+                answered(c, slot, now, 0);
+            } else if (type == 1) {
+                uint32_t slot = slot_of_id(c, id);
+                answered(c, slot, now, 1);
+            } else {
+                show_body("unexpected answer type", c, type, body, blen);
+            }
+            c->rpos += PY_HEADER + (size_t)blen;
+        } else if (opt_proto == P_FLOOR) {
+            if (avail < FLOOR_HEADER) {
+                c->rneed = FLOOR_HEADER;
+                break;
+            }
+            uint32_t blen = be32(p);
+            if (blen != g_bodylen)
+                die(1, "connection %d: malformed answer: body length %u, sent %u",
+                    (int)(c - g_conns), blen, g_bodylen);
+            if (avail < FLOOR_HEADER + (size_t)blen) {
+                c->rneed = FLOOR_HEADER + (size_t)blen;
+                break;
+            }
+            uint32_t slot = slot_of_id(c, be32(p + 4));
+            answered(c, slot, now, 0);
+            c->rpos += FLOOR_HEADER + (size_t)blen;
+        } else {
+            size_t lim = avail < g_linelen ? avail : g_linelen;
+            unsigned char *nl = NULL;
+            if (lim > c->rscan)
+                nl = memchr(p + c->rscan, '\n', lim - c->rscan);
+            if (!nl) {
+                if (avail >= g_linelen)
+                    die(1, "connection %d: malformed answer: line longer than %zu bytes",
+                        (int)(c - g_conns), g_linelen);
+                c->rscan = lim;
+                c->rneed = g_linelen;
+                break;
+            }
+            size_t len = (size_t)(nl - p) + 1;
+            if (len != g_linelen || p[0] != '"' || p[len - 2] != '"')
+                die(1, "connection %d: malformed answer line (%zu bytes, expected %zu)",
+                    (int)(c - g_conns), len, g_linelen);
+            uint32_t slot = c->line_next;
+            if (!c->busy[slot])
+                die(1, "connection %d: answer line without a request", (int)(c - g_conns));
+            if (++c->line_next == K)
+                c->line_next = 0;
+            answered(c, slot, now, 0);
+            c->rpos += len;
+            c->rscan = 0;
+        }
+        c->rneed = 0;
+    }
+    if (c->rpos == c->rlen)
+        c->rpos = c->rlen = c->rscan = 0;
+}
+
+/* Make room for the next read; returns how many bytes to ask for. */
+static size_t read_space(struct conn *c)
+{
+    size_t used = c->rlen - c->rpos;
+    size_t need_free = c->rneed > used ? c->rneed - used : 0;
+    int exact = c->rneed > RBIG && need_free > 0;
+    if (need_free < RMIN_FREE)
+        need_free = RMIN_FREE;
+    if (c->rcap - c->rlen < need_free) {
+        if (c->rpos > 0) {
+            memmove(c->rbuf, c->rbuf + c->rpos, used);
+            c->rpos = 0;
+            c->rlen = used;
+        }
+        if (c->rcap - c->rlen < need_free) {
+            size_t ncap = c->rcap * 2;
+            if (ncap < c->rlen + need_free)
+                ncap = c->rlen + need_free;
+            unsigned char *nb = realloc(c->rbuf, ncap);
+            if (!nb)
+                die(1, "out of memory for a %zu-byte read buffer", ncap);
+            c->rbuf = nb;
+            c->rcap = ncap;
+        }
+    }
+    /* a large frame is read up to its end only, so that it never has to be moved */
+    if (exact)
+        return c->rneed - used;
+    return c->rcap - c->rlen;
+}
+
+static void closed_by_server(struct conn *c)
+{
+    die(1, "connection %d: closed by server", (int)(c - g_conns));
+}
+
+static void on_readable(struct conn *c)
+{
+    for (;;) {
+        size_t space = read_space(c);
+        ssize_t n;
+        if (c->ssl) {
+            ERR_clear_error();
+            int want = space > INT32_MAX ? INT32_MAX : (int)space;
+            int r = SSL_read(c->ssl, c->rbuf + c->rlen, want);
+            if (r <= 0) {
+                int e = SSL_get_error(c->ssl, r);
+                c->tls_read_wants_write = 0;
+                if (e == SSL_ERROR_WANT_READ)
+                    break;
+                if (e == SSL_ERROR_WANT_WRITE) {
+                    c->tls_read_wants_write = 1;
+                    set_events(c);
+                    break;
+                }
+                if (e == SSL_ERROR_ZERO_RETURN ||
+                    (e == SSL_ERROR_SYSCALL && ERR_peek_error() == 0))
+                    closed_by_server(c);
+                die(1, "connection %d: TLS read failed: %s", (int)(c - g_conns), ssl_errstr());
+            }
+            c->tls_read_wants_write = 0;
+            n = r;
+        } else {
+            n = read(c->fd, c->rbuf + c->rlen, space);
+            if (n == 0)
+                closed_by_server(c);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK)
+                    break;
+                die(1, "connection %d: closed by server (%s)", (int)(c - g_conns),
+                    strerror(errno));
+            }
+        }
+        c->rlen += (size_t)n;
+        uint64_t now = now_ns();
+        phase_check(now);
+        if (g_phase == 2)
+            return;
+        parse(c, now);
+        /* plain TCP: a short read means the socket is drained (level-triggered epoll
+           reports it again otherwise); TLS: read until WANT_READ, records may be buffered */
+        if (!c->ssl && (size_t)n < space)
+            break;
+    }
+    if (c->tls_read_wants_write)
+        set_events(c);
+    if (has_output(c) && g_phase >= 0)
+        flush(c);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Set-up                                                                                    */
+
+static void build_templates(void)
+{
+    g_size = (size_t)opt_size;
+    g_payload = xmalloc(g_size);
+    memset(g_payload, 'x', g_size);
+    unsigned char *p = g_prefix;
+    switch (opt_proto) {
+    case P_PYASYNC: {
+        unsigned char bin[5];
+        size_t binlen;
+        if (g_size <= 0xff) {
+            bin[0] = 0xc4;
+            bin[1] = (unsigned char)g_size;
+            binlen = 2;
+        } else if (g_size <= 0xffff) {
+            bin[0] = 0xc5;
+            bin[1] = (unsigned char)(g_size >> 8);
+            bin[2] = (unsigned char)g_size;
+            binlen = 3;
+        } else {
+            bin[0] = 0xc6;
+            put32(bin + 1, (uint32_t)g_size);
+            binlen = 5;
+        }
+        g_bodylen = (uint32_t)(6 + binlen + g_size);
+        p[0] = 0x50;
+        p[1] = 0x59;
+        p[2] = 1;
+        p[3] = 0;
+        p[4] = 0;
+        p[5] = 4;            /* REQUEST_ECHO */
+        put32(p + 6, 0);     /* request id, set per request */
+        put32(p + 10, 0);    /* timeout: server default */
+        put32(p + 14, g_bodylen);
+        static const unsigned char map[6] = {0x81, 0xa4, 'd', 'a', 't', 'a'};
+        memcpy(p + PY_HEADER, map, sizeof map);
+        memcpy(p + PY_HEADER + 6, bin, binlen);
+        g_plen = PY_HEADER + 6 + binlen;
+        g_slen = 0;
+        break;
+    }
+    case P_FLOOR:
+        g_bodylen = (uint32_t)g_size;
+        put32(p, g_bodylen);
+        put32(p + 4, 0);
+        g_plen = FLOOR_HEADER;
+        g_slen = 0;
+        break;
+    case P_LINE:
+        p[0] = '"';
+        g_plen = 1;
+        g_slen = 2;
+        g_linelen = g_size + 3;
+        break;
+    }
+    g_reqlen = g_plen + g_size + g_slen;
+}
+
+static void init_conn(struct conn *c)
+{
+    c->rcap = RBUF_INIT;
+    c->rbuf = xmalloc(c->rcap);
+    c->ts = xcalloc(K, sizeof *c->ts);
+    c->ids = xcalloc(K, sizeof *c->ids);
+    c->gen = xcalloc(K, sizeof *c->gen);
+    c->busy = xcalloc(K, 1);
+    c->q = xcalloc(K, sizeof *c->q);
+    if (opt_proto != P_LINE) {
+        c->pfx = xmalloc((size_t)K * PFX_MAX);
+        for (uint32_t i = 0; i < K; i++)
+            memcpy(c->pfx + (size_t)i * PFX_MAX, g_prefix, g_plen);
+    }
+    if (opt_tls) {
+        size_t want = (size_t)K * g_reqlen;
+        if (want < 16 * 1024)
+            want = 16 * 1024;
+        if (want > WBUF_MAX)
+            want = WBUF_MAX;
+        c->wcap = want;
+        c->wbuf = xmalloc(c->wcap);
+    }
+}
+
+static int is_ip_literal(const char *h)
+{
+    unsigned char buf[16];
+    return inet_pton(AF_INET, h, buf) == 1 || inet_pton(AF_INET6, h, buf) == 1;
+}
+
+static void init_tls(void)
+{
+    g_ctx = SSL_CTX_new(TLS_client_method());
+    if (!g_ctx)
+        die(2, "TLS: %s", ssl_errstr());
+    SSL_CTX_set_min_proto_version(g_ctx, TLS1_2_VERSION);
+    SSL_CTX_set_mode(g_ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    if (opt_insecure) {
+        SSL_CTX_set_verify(g_ctx, SSL_VERIFY_NONE, NULL);
+    } else {
+        if (opt_cafile) {
+            if (SSL_CTX_load_verify_locations(g_ctx, opt_cafile, NULL) != 1)
+                die(2, "TLS: cannot load CA file %s: %s", opt_cafile, ssl_errstr());
+        } else if (SSL_CTX_set_default_verify_paths(g_ctx) != 1) {
+            die(2, "TLS: cannot load the system CAs: %s", ssl_errstr());
+        }
+        SSL_CTX_set_verify(g_ctx, SSL_VERIFY_PEER, NULL);
+    }
+}
+
+static void start_tls(struct conn *c)
+{
+    c->ssl = SSL_new(g_ctx);
+    if (!c->ssl || SSL_set_fd(c->ssl, c->fd) != 1)
+        die(2, "TLS: %s", ssl_errstr());
+    if (is_ip_literal(opt_host)) {
+        if (!opt_insecure &&
+            X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(c->ssl), opt_host) != 1)
+            die(2, "TLS: bad host %s", opt_host);
+    } else {
+        SSL_set_tlsext_host_name(c->ssl, opt_host);
+        if (!opt_insecure && SSL_set1_host(c->ssl, opt_host) != 1)
+            die(2, "TLS: bad host %s", opt_host);
+    }
+    SSL_set_connect_state(c->ssl);
+    c->state = 1;
+}
+
+/* Drive a handshake; returns 1 once it is done. */
+static int handshake(struct conn *c)
+{
+    ERR_clear_error();
+    int r = SSL_do_handshake(c->ssl);
+    if (r == 1) {
+        c->state = 2;
+        c->out_blocked = 0;
+        set_events(c);
+        return 1;
+    }
+    int e = SSL_get_error(c->ssl, r);
+    if (e == SSL_ERROR_WANT_READ) {
+        c->out_blocked = 0;
+        set_events(c);
+        return 0;
+    }
+    if (e == SSL_ERROR_WANT_WRITE) {
+        c->out_blocked = 1;
+        set_events(c);
+        return 0;
+    }
+    long v = SSL_get_verify_result(c->ssl);
+    if (v != X509_V_OK)
+        die(2, "connection %d: TLS handshake failed: certificate: %s", (int)(c - g_conns),
+            X509_verify_cert_error_string(v));
+    die(2, "connection %d: TLS handshake failed: %s", (int)(c - g_conns), ssl_errstr());
+}
+
+static void raise_fd_limit(long conns)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return;
+    rlim_t want = (rlim_t)conns + 64;
+    if (rl.rlim_cur < want) {
+        rl.rlim_cur = rl.rlim_max < want ? rl.rlim_max : want;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
+
+static void connect_all(void)
+{
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
+    struct addrinfo *ai;
+    char port[16];
+    snprintf(port, sizeof port, "%d", opt_port);
+    int rc = getaddrinfo(opt_host, port, &hints, &ai);
+    if (rc != 0)
+        die(2, "cannot resolve %s: %s", opt_host, gai_strerror(rc));
+
+    for (long i = 0; i < opt_conns; i++) {
+        struct conn *c = &g_conns[i];
+        init_conn(c);
+        c->fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (c->fd < 0)
+            die(2, "connect failed (connection %ld): socket: %s", i, strerror(errno));
+        int one = 1;
+        setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        if (connect(c->fd, ai->ai_addr, ai->ai_addrlen) < 0 && errno != EINPROGRESS)
+            die(2, "connect to %s:%d failed (connection %ld): %s", opt_host, opt_port, i,
+                strerror(errno));
+        c->events = EPOLLOUT;
+        struct epoll_event e = {.events = EPOLLOUT, .data.ptr = c};
+        if (epoll_ctl(g_ep, EPOLL_CTL_ADD, c->fd, &e) < 0)
+            die(2, "epoll_ctl: %s", strerror(errno));
+    }
+    freeaddrinfo(ai);
+
+    long ready = 0;
+    uint64_t deadline = now_ns() + SETUP_TIMEOUT_NS;
+    struct epoll_event evs[MAX_EVENTS];
+    while (ready < opt_conns) {
+        uint64_t t = now_ns();
+        if (t >= deadline)
+            die(2, "connect failed: %ld of %ld connections not ready after %llu s",
+                opt_conns - ready, opt_conns, SETUP_TIMEOUT_NS / 1000000000ull);
+        int n = epoll_wait(g_ep, evs, MAX_EVENTS, (int)((deadline - t) / 1000000 + 1));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            die(2, "epoll_wait: %s", strerror(errno));
+        }
+        for (int i = 0; i < n; i++) {
+            struct conn *c = evs[i].data.ptr;
+            if (c->state == 0) {
+                int err = 0;
+                socklen_t len = sizeof err;
+                if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+                    err = errno;
+                if (err)
+                    die(2, "connect to %s:%d failed (connection %d): %s", opt_host, opt_port,
+                        (int)(c - g_conns), strerror(err));
+                if (!(evs[i].events & EPOLLOUT))
+                    continue;
+                if (opt_tls) {
+                    start_tls(c);
+                    ready += handshake(c);
+                } else {
+                    c->state = 2;
+                    set_events(c);
+                    ready++;
+                }
+            } else if (c->state == 1) {
+                ready += handshake(c);
+            } else {
+                /* ready already: TLS session tickets, or the server refusing us */
+                if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR))
+                    on_readable(c);
+                else if (c->out_blocked)
+                    set_events(c);
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Main                                                                                      */
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: loadgen --host H --port P --proto pyasync|floor|line [--connections N]\n"
+            "               [--inflight K] [--size BYTES] [--warmup SEC] [--duration SEC]\n"
+            "               [--tls] [--tls-insecure] [--cafile PEM]\n");
+}
+
+static long parse_long(const char *name, const char *s, long lo, long hi)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || *end || end == s || v < lo || v > hi)
+        die(2, "--%s: expected an integer from %ld to %ld, got '%s'", name, lo, hi, s);
+    return v;
+}
+
+static double parse_double(const char *name, const char *s)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || *end || end == s || v < 0 || v > 1e6)
+        die(2, "--%s: expected seconds >= 0, got '%s'", name, s);
+    return v;
+}
+
+static void parse_args(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"host", required_argument, 0, 'h'},        {"port", required_argument, 0, 'p'},
+        {"proto", required_argument, 0, 'P'},       {"connections", required_argument, 0, 'c'},
+        {"inflight", required_argument, 0, 'k'},    {"size", required_argument, 0, 's'},
+        {"warmup", required_argument, 0, 'w'},      {"duration", required_argument, 0, 'd'},
+        {"tls", no_argument, 0, 't'},               {"tls-insecure", no_argument, 0, 'i'},
+        {"cafile", required_argument, 0, 'C'},      {"help", no_argument, 0, 'H'},
+        {0, 0, 0, 0},
+    };
+    int ch;
+    while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (ch) {
+        case 'h': opt_host = optarg; break;
+        case 'p': opt_port = (int)parse_long("port", optarg, 1, 65535); break;
+        case 'P':
+            opt_proto_name = optarg;
+            if (strcmp(optarg, "pyasync") == 0)
+                opt_proto = P_PYASYNC;
+            else if (strcmp(optarg, "floor") == 0)
+                opt_proto = P_FLOOR;
+            else if (strcmp(optarg, "line") == 0)
+                opt_proto = P_LINE;
+            else
+                die(2, "--proto: expected pyasync, floor or line, got '%s'", optarg);
+            break;
+        case 'c': opt_conns = parse_long("connections", optarg, 1, 1000000); break;
+        case 'k': opt_inflight = parse_long("inflight", optarg, 1, 1000000); break;
+        case 's': opt_size = parse_long("size", optarg, 0, 1024L * 1024 * 1024); break;
+        case 'w': opt_warmup = parse_double("warmup", optarg); break;
+        case 'd': opt_duration = parse_double("duration", optarg); break;
+        case 't': opt_tls = 1; break;
+        case 'i': opt_insecure = 1; break;
+        case 'C': opt_cafile = optarg; break;
+        case 'H': usage(stdout); exit(0);
+        default: usage(stderr); exit(2);
+        }
+    }
+    if (optind < argc) {
+        usage(stderr);
+        die(2, "unexpected argument '%s'", argv[optind]);
+    }
+    if (opt_port < 0 || !opt_proto_name) {
+        usage(stderr);
+        die(2, "--port and --proto are required");
+    }
+    if (opt_duration <= 0)
+        die(2, "--duration must be above 0");
+    if ((opt_insecure || opt_cafile) && !opt_tls)
+        opt_tls = 1;
+    /* frame lengths are u32; the body must fit */
+    if (opt_proto != P_LINE && (unsigned long)opt_size + 16 > 0xFFFFFFFFul)
+        die(2, "--size too large");
+}
+
+int main(int argc, char **argv)
+{
+    parse_args(argc, argv);
+    signal(SIGPIPE, SIG_IGN);
+    K = (uint32_t)opt_inflight;
+    build_templates();
+    raise_fd_limit(opt_conns);
+    if (opt_tls)
+        init_tls();
+
+    g_ep = epoll_create1(EPOLL_CLOEXEC);
+    if (g_ep < 0)
+        die(2, "epoll_create1: %s", strerror(errno));
+    g_conns = xcalloc((size_t)opt_conns, sizeof *g_conns);
+    connect_all();
+
+    /* all connections are up: start the clock and fill the pipelines */
+    uint64_t t0 = now_ns();
+    g_warm_end = t0 + (uint64_t)(opt_warmup * 1e9);
+    g_dur_ns = (uint64_t)(opt_duration * 1e9);
+    g_phase = 0;
+    for (long i = 0; i < opt_conns; i++) {
+        struct conn *c = &g_conns[i];
+        for (uint32_t s = 0; s < K; s++)
+            enqueue(c, s);
+        flush(c);
+    }
+
+    struct epoll_event evs[MAX_EVENTS];
+    while (g_phase != 2) {
+        uint64_t t = now_ns();
+        phase_check(t);
+        if (g_phase == 2)
+            break;
+        uint64_t next = g_phase == 0 ? g_warm_end : g_t_start + g_dur_ns;
+        int timeout = next > t ? (int)((next - t + 999999) / 1000000) : 0;
+        int n = epoll_wait(g_ep, evs, MAX_EVENTS, timeout);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            die(1, "epoll_wait: %s", strerror(errno));
+        }
+        for (int i = 0; i < n && g_phase != 2; i++) {
+            struct conn *c = evs[i].data.ptr;
+            uint32_t ev = evs[i].events;
+            if (ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
+                on_readable(c); /* reports a closed or failed connection itself */
+                if (g_phase == 2)
+                    break;
+            }
+            if ((ev & EPOLLOUT) && c->tls_read_wants_write)
+                on_readable(c);
+            if ((ev & EPOLLOUT) && c->out_blocked && g_phase != 2)
+                flush(c);
+        }
+    }
+
+    double dur = (double)(g_t_stop - g_t_start) / 1e9;
+    double rps = dur > 0 ? (double)g_requests / dur : 0.0;
+    double mbps = dur > 0 ? (double)g_requests * (double)g_size / 1e6 / dur : 0.0;
+    printf("{\"proto\":\"%s\",\"connections\":%ld,\"inflight\":%ld,\"size\":%ld,\"tls\":%s,"
+           "\"duration_s\":%.3f,\"requests\":%llu,\"rps\":%.1f,\"mb_per_s\":%.2f,"
+           "\"errors\":%llu,\"p50_us\":%.1f,\"p90_us\":%.1f,\"p99_us\":%.1f,\"p999_us\":%.1f,"
+           "\"max_us\":%.1f}\n",
+           opt_proto_name, opt_conns, opt_inflight, opt_size, opt_tls ? "true" : "false", dur,
+           (unsigned long long)g_requests, rps, mbps, (unsigned long long)g_errors,
+           h_percentile_us(50, g_requests), h_percentile_us(90, g_requests),
+           h_percentile_us(99, g_requests), h_percentile_us(99.9, g_requests),
+           (double)g_hist_max / 1000.0);
+    fflush(stdout);
+    if (g_requests == 0 && g_errors == 0)
+        fprintf(stderr, "loadgen: warning: no answer was counted (server stalled, or --proto "
+                        "does not match the server?)\n");
+    /* no clean shutdown: the process exits and the kernel closes the sockets */
+    return 0;
+}
