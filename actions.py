@@ -17,10 +17,13 @@ Any other exception is logged with its traceback and answered as ``INTERNAL``.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+
+import msgspec
 
 import database
 from context import App, Context
@@ -58,9 +61,9 @@ from package import (
     UnknownPackageType,
     __version__,
     answer_kind_for,
+    body_type,
     is_request,
     pack,
-    unpack,
 )
 from protocol import Frame
 
@@ -75,7 +78,7 @@ __all__ = [
     "on_shutdown",
     "on_startup",
     "process_inline",
-    "runs_inline",
+    "route_for",
     "unpack_and_process",
 ]
 
@@ -162,54 +165,93 @@ async def unpack_and_process(frame: Frame, ctx: Context) -> tuple[PACKAGE, bytes
         asyncio.CancelledError: the request was cancelled (timeout, disconnect, shutdown).
     """
     try:
-        kind, function, request = _route(frame)
-        answer = function(request, ctx)
+        route = route_for(frame.kind)
+        answer = route.function(route.decode(frame.body), ctx)
         if inspect.isawaitable(answer):
             answer = await answer
-        return answer_kind_for(kind), pack(answer_kind_for(kind), answer)
+        return route.answer, route.encode(answer)
     except Exception as exc:
         return _failure(exc, frame, ctx)
-
-
-def runs_inline(kind: int) -> bool:
-    """True when a request of type ``kind`` needs no task: its action is a plain function, or
-    there is none (the answer is an error)."""
-    function = ACTIONS.get(kind)  # type: ignore[call-overload]  # an int is a PACKAGE key
-    if function is None:
-        return True
-    inline = _INLINE.get(function)
-    if inline is None:
-        inline = _INLINE[function] = not inspect.iscoroutinefunction(function)
-    return inline
 
 
 def process_inline(frame: Frame, ctx: Context) -> tuple[PACKAGE, bytes] | None:
-    """``unpack_and_process()`` for a frame whose type ``runs_inline()``: answered at once.
+    """Answer a request at once if its action is a plain function (or it has none).
 
-    Returns None, having run none of the action, when the action turned out to be a coroutine
-    (an object with an ``async def __call__``, say): run ``unpack_and_process()`` in a task.
+    Returns None, having run nothing, when the action is a coroutine function or turns out to
+    make a coroutine (an object with an ``async def __call__``, say): give the frame to
+    ``unpack_and_process()`` in a task.
     """
     try:
-        kind, function, request = _route(frame)
-        answer = function(request, ctx)
+        route = route_for(frame.kind)
+        if not route.inline:
+            return None
+        answer = route.function(route.decode(frame.body), ctx)
+        if type(answer) is route.answer_type:  # the common case, checked first: no call
+            return route.answer, _ENCODE(answer)
         if inspect.iscoroutine(answer):
             answer.close()  # not started: no effect happened
-            _INLINE[function] = False
+            _ROUTES[frame.kind] = dataclasses.replace(route, inline=False)
             return None
-        return answer_kind_for(kind), pack(answer_kind_for(kind), answer)  # type: ignore[arg-type]
+        return route.answer, route.encode(answer)  # type: ignore[arg-type]  # raises TypeError
     except Exception as exc:
         return _failure(exc, frame, ctx)
 
 
-_INLINE: dict[Action, bool] = {}  # per action function: does it run without a task?
+@dataclasses.dataclass(frozen=True, slots=True)
+class Route:
+    """What serving one request type needs, looked up once instead of per request."""
+
+    kind: PACKAGE
+    answer: PACKAGE
+    function: Action
+    inline: bool  # a plain function: runs without a task
+    decoder: msgspec.msgpack.Decoder[Body]
+    answer_type: type[Body]
+
+    def decode(self, body: bytes) -> Body:
+        try:
+            return self.decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            raise InvalidArgument(f"invalid {self.kind.name} body: {exc}") from None
+
+    def encode(self, answer: Body) -> bytes:
+        if type(answer) is not self.answer_type:
+            raise TypeError(
+                f"{self.answer.name} carries {self.answer_type.__name__}, "
+                f"not {type(answer).__name__}"
+            )
+        return _ENCODE(answer)
 
 
-def _route(frame: Frame) -> tuple[PACKAGE, Action, Body]:
-    kind = _request_kind(frame.kind)
-    function = ACTIONS.get(kind)
+_ROUTES: dict[int, Route] = {}
+_ENCODE = msgspec.msgpack.Encoder().encode
+
+
+def route_for(number: int) -> Route:
+    """The route of request type ``number``, rebuilt when ``ACTIONS`` changed.
+
+    Raises:
+        UnknownPackageType: ``number`` is no request type of this server.
+        Unimplemented: it is, but has no action.
+    """
+    route = _ROUTES.get(number)
+    function = ACTIONS.get(number)  # type: ignore[call-overload]  # PACKAGE hashes as its int
+    if route is not None and route.function is function:
+        return route
+    try:
+        kind = PACKAGE(number)
+    except ValueError:
+        raise UnknownPackageType(f"package type {number} is unknown to this server") from None
+    if not is_request(kind):
+        raise UnknownPackageType(f"{kind.name} ({number}) is not a request type")
     if function is None:
         raise Unimplemented(f"{kind.name} has no action on this server")
-    return kind, function, unpack(kind, frame.body)
+    answer = answer_kind_for(kind)
+    route = _ROUTES[number] = Route(
+        kind, answer, function, not inspect.iscoroutinefunction(function),
+        msgspec.msgpack.Decoder(body_type(kind)), body_type(answer),
+    )  # fmt: skip
+    return route
 
 
 def _failure(exc: Exception, frame: Frame, ctx: Context) -> tuple[PACKAGE, bytes]:
@@ -230,16 +272,6 @@ def _failure(exc: Exception, frame: Frame, ctx: Context) -> tuple[PACKAGE, bytes
 def error_answer(error: RPCError) -> tuple[PACKAGE, bytes]:
     """The ``ANSWER_ERROR`` package for ``error``."""
     return PACKAGE.ANSWER_ERROR, pack(PACKAGE.ANSWER_ERROR, error.to_answer())
-
-
-def _request_kind(number: int) -> PACKAGE:
-    try:
-        kind = PACKAGE(number)
-    except ValueError:
-        raise UnknownPackageType(f"package type {number} is unknown to this server") from None
-    if not is_request(kind):
-        raise UnknownPackageType(f"{kind.name} ({number}) is not a request type")
-    return kind
 
 
 # ---- built-in actions -----------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Final, NoReturn
+from typing import Final, NamedTuple, NoReturn
 
 import zstandard
 
@@ -77,9 +77,8 @@ class FrameTooLarge(ProtocolError):
     """Raised when a body, declared or decompressed, is larger than the frame size limit."""
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """One decoded frame; ``body`` is already decompressed.
+class Frame(NamedTuple):
+    """One decoded frame; ``body`` is already decompressed (a tuple: cheap to make per request).
 
     Attributes:
         kind: package type number (``package.PACKAGE``); the framer does not interpret it.

@@ -25,7 +25,6 @@ from actions import (
     ConnectionHook,
     error_answer,
     process_inline,
-    runs_inline,
     unpack_and_process,
 )
 from config import ConfigError, Settings
@@ -159,41 +158,51 @@ class Connection(asyncio.Protocol):
         Requests whose action never waits are answered inline, and those answers leave in one
         write at the end: a pipelined burst costs one system call, not one per request.
         """
+        if not self.is_ready or self.is_closing:
+            return
+        decoder, tasks, ctx = self.decoder, self.tasks, self.ctx
         limit = self.settings.max_in_flight
         compression = self.server.compression
-        took_any = False
+        refuse = self.is_draining and self.server.is_shutting_down
         answers: list[bytes] = []
-        while self.is_ready and not self.is_closing and len(self.tasks) < limit:
-            try:
-                frame = self.decoder.next_frame()
-            except ProtocolError as exc:
-                self._fail_stream(exc)
-                return
-            if frame is None:
-                break
-            took_any = True
-            if self.is_draining and self.server.is_shutting_down:
-                self._send_error(
-                    frame.request_id, Unavailable("server is shutting down; retry elsewhere")
-                )
-                continue
-            if runs_inline(frame.kind) and (answer := process_inline(frame, self.ctx)):
-                kind, body = answer
+        took_any = False
+        try:
+            while len(tasks) < limit:
+                frame = decoder.next_frame()
+                if frame is None:
+                    break
+                took_any = True
+                if refuse:
+                    kind, body = error_answer(
+                        Unavailable("server is shutting down; retry elsewhere")
+                    )
+                elif (answer := process_inline(frame, ctx)) is not None:
+                    kind, body = answer
+                else:
+                    task = self.loop.create_task(self._serve(frame))
+                    tasks.add(task)
+                    task.add_done_callback(self._request_done)
+                    continue
                 answers.append(encode_frame(kind, frame.request_id, body, compression=compression))
-                continue
-            task = self.loop.create_task(self._serve(frame))
-            self.tasks.add(task)
-            task.add_done_callback(self._request_done)
+        except ProtocolError as exc:
+            self._write(answers)
+            self._fail_stream(exc)
+            return
         if answers:
             self._answered(len(answers))
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.write(answers[0] if len(answers) == 1 else b"".join(answers))
-        if not self.decoder.buffered:
+            self._write(answers)
+        if not decoder.buffered:
             self.partial_frame_since = None
         elif took_any or self.partial_frame_since is None:
             self.partial_frame_since = self.loop.time()
             self._arm_watchdog()
-        self._set_reading()
+        if self.is_read_paused or len(tasks) >= limit:
+            self._set_reading()
+
+    def _write(self, frames: list[bytes]) -> None:
+        transport = self.transport
+        if frames and transport is not None and not transport.is_closing():
+            transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     async def _serve(self, frame: Frame) -> None:
         settings = self.settings

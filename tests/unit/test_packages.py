@@ -185,10 +185,9 @@ def test_plain_actions_run_inline_and_coroutines_never_do(
     ctx: Context, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     echo = request_frame(PACKAGE.REQUEST_ECHO, EchoRequest(text="now"))
-    assert actions.runs_inline(PACKAGE.REQUEST_ECHO) and not actions.runs_inline(
-        PACKAGE.REQUEST_KV_GET
-    )
-    assert actions.runs_inline(999)  # no action: the error answer needs no task
+    assert actions.route_for(PACKAGE.REQUEST_ECHO).inline
+    assert not actions.route_for(PACKAGE.REQUEST_KV_GET).inline
+    assert actions.process_inline(request_frame(PACKAGE.REQUEST_KV_GET, b"\x80"), ctx) is None
     answered = actions.process_inline(echo, ctx)
     assert answered is not None and package.unpack(*answered) == EchoAnswer(text="now")
     unknown = actions.process_inline(Frame(999, 1, b"\x80"), ctx)
@@ -203,4 +202,4 @@ def test_plain_actions_run_inline_and_coroutines_never_do(
 
     monkeypatch.setitem(actions.ACTIONS, PACKAGE.REQUEST_ECHO, AsyncCallable())
     assert actions.process_inline(echo, ctx) is None  # hand it to a task instead
-    assert calls == [] and not actions.runs_inline(PACKAGE.REQUEST_ECHO)
+    assert calls == [] and not actions.route_for(PACKAGE.REQUEST_ECHO).inline
