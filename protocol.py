@@ -152,28 +152,47 @@ def encode_frame(
     return header + body
 
 
+_new_frame = tuple.__new__  # Frame(...) without the Python-level __new__ of a NamedTuple
+
+
 class FrameDecoder:
     """Incremental decoder: feed it any split of the stream, take complete frames out.
 
-    The decoder owns one ``bytearray``; consumed bytes are dropped in bulk, never rescanned.
-    Once it has raised ``ProtocolError`` the stream is unusable and the decoder stays broken.
+    A chunk that arrives with nothing pending is parsed where it is, without a copy (the
+    common case: a read holds whole frames); a frame split across reads is gathered in a
+    ``bytearray``, whose consumed bytes are dropped in bulk, never rescanned. Once it has
+    raised ``ProtocolError`` the stream is unusable and the decoder stays broken.
     """
 
     __slots__ = ("_buffer", "_broken", "_decompressor", "_offset", "max_frame_size")
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         self.max_frame_size = max_frame_size
-        self._buffer = bytearray()
+        self._buffer: bytes | bytearray = b""
         self._offset = 0  # start of the first unconsumed byte in _buffer
         self._broken: ProtocolError | None = None
         self._decompressor = zstandard.ZstdDecompressor()
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append received bytes; call ``next_frame`` until it returns None."""
-        if self._offset and self._offset >= len(self._buffer) // 2:
-            del self._buffer[: self._offset]
+        buffer, offset = self._buffer, self._offset
+        if offset >= len(buffer):  # nothing pending: parse this chunk where it is
+            self._buffer = data if type(data) is bytes else bytes(data)
             self._offset = 0
-        self._buffer += data
+        elif type(buffer) is bytes:  # a frame continues: gather from here on
+            self._buffer = bytearray(memoryview(buffer)[offset:])
+            self._buffer += data
+            self._offset = 0
+        else:
+            assert isinstance(buffer, bytearray)
+            if offset >= len(buffer) // 2:
+                del buffer[:offset]
+                self._offset = 0
+            buffer += data
+
+    def is_empty(self) -> bool:
+        """True when no started frame waits for more bytes."""
+        return self._offset >= len(self._buffer)
 
     @property
     def buffered(self) -> int:
@@ -202,7 +221,9 @@ class FrameDecoder:
         end = start + HEADER_SIZE + length
         if len(buffer) < end:
             return None
-        if length < _SLICE_COPY_LIMIT:
+        if type(buffer) is bytes:
+            body = buffer[start + HEADER_SIZE : end]  # bytes slice: the one copy
+        elif length < _SLICE_COPY_LIMIT:
             body = bytes(buffer[start + HEADER_SIZE : end])
         else:  # one copy instead of two; the view is released before the buffer may resize
             with memoryview(buffer) as view:
@@ -210,7 +231,7 @@ class FrameDecoder:
         self._offset = end
         if flags & FLAG_COMPRESSED:
             body = self._decompress(body)
-        return Frame(kind, request_id, body, timeout_ms)
+        return _new_frame(Frame, (kind, request_id, body, timeout_ms))
 
     def _decompress(self, body: bytes) -> bytes:
         # The declared content size bounds the allocation: zstd refuses to write past it, so

@@ -189,9 +189,12 @@ class Connection(asyncio.Protocol):
             self._fail_stream(exc)
             return
         if answers:
-            self._answered(len(answers))
-            self._write(answers)
-        if not decoder.buffered:
+            self.requests_answered += len(answers)
+            self.server.app.stats.requests_served += len(answers)
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(answers[0] if len(answers) == 1 else b"".join(answers))
+        if decoder.is_empty():
             self.partial_frame_since = None
         elif took_any or self.partial_frame_since is None:
             self.partial_frame_since = self.loop.time()

@@ -7,6 +7,9 @@
  *                 --connections N --inflight K --size BYTES --warmup SEC --duration SEC
  *                 [--tls] [--tls-insecure] [--cafile PEM]
  *
+ * --tls-insecure skips the certificate check; otherwise the server certificate is verified
+ * against --cafile (or the system CAs) and must name --host.
+ *
  * It opens N connections (TLS handshakes included) before the warm-up starts, writes K
  * pipelined requests on each and writes a new one for every answer it reads (closed loop).
  * Answers read during the first --warmup seconds are not counted; then it counts for
@@ -940,7 +943,10 @@ static void usage(FILE *f)
     fprintf(f,
             "usage: loadgen --host H --port P --proto pyasync|floor|line [--connections N]\n"
             "               [--inflight K] [--size BYTES] [--warmup SEC] [--duration SEC]\n"
-            "               [--tls] [--tls-insecure] [--cafile PEM]\n");
+            "               [--tls] [--tls-insecure] [--cafile PEM]\n"
+            "defaults: --host 127.0.0.1 --connections 1 --inflight 1 --size 32 --warmup 1\n"
+            "--duration 5; --tls-insecure (no certificate check) and --cafile imply --tls;\n"
+            "with --tls alone the server is verified against the system CAs.\n");
 }
 
 static long parse_long(const char *name, const char *s, long lo, long hi)
