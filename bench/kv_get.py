@@ -110,8 +110,7 @@ async def direct(backend: str, settings: DatabaseSettings, warmup: float, second
     async def sqlite_lookup(key: str) -> Any:
         conn = await connections.get()
         try:
-            async with conn.execute(sql + "?", (key,)) as cursor:
-                return await cursor.fetchone()
+            return await conn.execute_fetchall(sql + "?", (key,))
         finally:
             connections.put_nowait(conn)
 

@@ -5,8 +5,10 @@
  *
  * Usage:  loadgen --host 127.0.0.1 --port P --proto pyasync|floor|line
  *                 --connections N --inflight K --size BYTES --warmup SEC --duration SEC
- *                 [--tls] [--tls-insecure] [--cafile PEM]
+ *                 [--tls] [--tls-insecure] [--cafile PEM] [--keys N]
  *
+ * --keys N (pyasync only) sends REQUEST_KV_GET (12) of a random key "key00000".."key<N-1>"
+ * instead of ECHO, and counts ANSWER_KV_GET (13) answers: the database benchmark.
  * --tls-insecure skips the certificate check; otherwise the server certificate is verified
  * against --cafile (or the system CAs) and must name --host.
  *
@@ -29,8 +31,7 @@
  *   pyasync  18-byte header "!2sBBHIII" (magic "PY", version 1, flags, type, request id,
  *            timeout ms, body length); REQUEST_ECHO (4) with MessagePack {"data": bin},
  *            answered by ANSWER_ECHO (5) or ANSWER_ERROR (1). Compressed answers are not
- *            supported: run the server with compression off (a COMPRESSION_THRESHOLD above
- *            the body size; note that 0 means "compress everything").
+ *            supported: run the server with compression off (COMPRESSION_THRESHOLD=0).
  *   floor    8-byte header (body length u32, request id u32), then the raw payload; echoed.
  *   line     one JSON string of --size letters and "\n" per request; answers in order.
  *
@@ -85,6 +86,8 @@ enum proto { P_PYASYNC, P_FLOOR, P_LINE };
 static const char *opt_host = "127.0.0.1";
 static int opt_port = -1;
 static enum proto opt_proto = P_PYASYNC;
+static long opt_keys = 0; /* pyasync: > 0 sends KV_GET of "key00000".."key<N-1>" instead of ECHO */
+static uint64_t g_rng = 0x9E3779B97F4A7C15ull;
 static const char *opt_proto_name = NULL;
 static long opt_conns = 1;
 static long opt_inflight = 1;
@@ -307,6 +310,15 @@ static inline void enqueue(struct conn *c, uint32_t slot)
         }
         c->ids[slot] = (uint32_t)id;
         put32(c->pfx + (size_t)slot * PFX_MAX + (opt_proto == P_PYASYNC ? 6 : 4), (uint32_t)id);
+        if (opt_keys) { /* a random key: the 5 digits after "key" in the body */
+            g_rng ^= g_rng << 13;
+            g_rng ^= g_rng >> 7;
+            g_rng ^= g_rng << 17;
+            unsigned long k = (unsigned long)(g_rng % (uint64_t)opt_keys);
+            unsigned char *digits = c->pfx + (size_t)slot * PFX_MAX + PY_HEADER + 9;
+            for (int i = 4; i >= 0; i--, k /= 10)
+                digits[i] = (unsigned char)('0' + k % 10);
+        }
     }
     c->busy[slot] = 1;
     uint32_t tail = c->qhead + c->qcount;
@@ -531,11 +543,12 @@ static void parse(struct conn *c, uint64_t now)
             const unsigned char *body = p + PY_HEADER;
             if (p[3] & 1)
                 die(1, "connection %d: compressed answer (flags bit 0); start the server with "
-                       "compression off, e.g. COMPRESSION_THRESHOLD=2147483647 (0 compresses "
-                       "everything)", (int)(c - g_conns));
+                       "compression off: COMPRESSION_THRESHOLD=0", (int)(c - g_conns));
             if (id == 0)
                 show_body("server frame with request id 0", c, type, body, blen);
-            if (type == 5) {
+            if (opt_keys && type == 13) { /* ANSWER_KV_GET: value and version */
+                answered(c, slot_of_id(c, id), now, 0);
+            } else if (!opt_keys && type == 5) {
                 uint32_t slot = slot_of_id(c, id);
                 if (blen != g_bodylen ||
                     memcmp(body, g_prefix + PY_HEADER, g_plen - PY_HEADER) != 0)
@@ -700,6 +713,25 @@ static void build_templates(void)
     unsigned char *p = g_prefix;
     switch (opt_proto) {
     case P_PYASYNC: {
+        if (opt_keys) { /* KV_GET {"key": "keyNNNNN"}: the whole request lives in the prefix */
+            static const unsigned char body[14] = {0x81, 0xa3, 'k', 'e', 'y', 0xa8, 'k',
+                                                   'e',  'y',  '0', '0', '0', '0', '0'};
+            p[0] = 0x50;
+            p[1] = 0x59;
+            p[2] = 1;
+            p[3] = 0;
+            p[4] = 0;
+            p[5] = 12; /* REQUEST_KV_GET */
+            put32(p + 6, 0);
+            put32(p + 10, 0);
+            put32(p + 14, sizeof body);
+            memcpy(p + PY_HEADER, body, sizeof body);
+            g_bodylen = sizeof body;
+            g_plen = PY_HEADER + sizeof body;
+            g_slen = 0;
+            g_size = 0;
+            break;
+        }
         unsigned char bin[5];
         size_t binlen;
         if (g_size <= 0xff) {
@@ -943,7 +975,7 @@ static void usage(FILE *f)
     fprintf(f,
             "usage: loadgen --host H --port P --proto pyasync|floor|line [--connections N]\n"
             "               [--inflight K] [--size BYTES] [--warmup SEC] [--duration SEC]\n"
-            "               [--tls] [--tls-insecure] [--cafile PEM]\n"
+            "               [--tls] [--tls-insecure] [--cafile PEM] [--keys N]\n"
             "defaults: --host 127.0.0.1 --connections 1 --inflight 1 --size 32 --warmup 1\n"
             "--duration 5; --tls-insecure (no certificate check) and --cafile imply --tls;\n"
             "with --tls alone the server is verified against the system CAs.\n");
@@ -977,7 +1009,7 @@ static void parse_args(int argc, char **argv)
         {"inflight", required_argument, 0, 'k'},    {"size", required_argument, 0, 's'},
         {"warmup", required_argument, 0, 'w'},      {"duration", required_argument, 0, 'd'},
         {"tls", no_argument, 0, 't'},               {"tls-insecure", no_argument, 0, 'i'},
-        {"cafile", required_argument, 0, 'C'},      {"help", no_argument, 0, 'H'},
+        {"cafile", required_argument, 0, 'C'},      {"keys", required_argument, 0, 'K'},      {"help", no_argument, 0, 'H'},
         {0, 0, 0, 0},
     };
     int ch;
@@ -996,6 +1028,7 @@ static void parse_args(int argc, char **argv)
             else
                 die(2, "--proto: expected pyasync, floor or line, got '%s'", optarg);
             break;
+        case 'K': opt_keys = parse_long("keys", optarg, 1, 100000); break;
         case 'c': opt_conns = parse_long("connections", optarg, 1, 1000000); break;
         case 'k': opt_inflight = parse_long("inflight", optarg, 1, 1000000); break;
         case 's': opt_size = parse_long("size", optarg, 0, 1024L * 1024 * 1024); break;
