@@ -30,6 +30,7 @@ __all__ = [
     "FrameTooLarge",
     "ProtocolError",
     "encode_frame",
+    "encode_frame_parts",
 ]
 
 MAGIC: Final = b"PY"
@@ -61,6 +62,9 @@ DEFAULT_COMPRESSION_LEVEL: Final = 1
 
 # Below this body size a bytearray slice (two copies) beats creating a memoryview (one copy).
 _SLICE_COPY_LIMIT: Final = 4096  # bytes
+# A body at least this large that spans reads is gathered as a list of the chunks received and
+# joined once when complete, instead of being appended to the buffer and then sliced out.
+_GATHER_MIN: Final = 64 * 1024  # bytes
 
 
 class ProtocolError(Exception):
@@ -143,13 +147,28 @@ def encode_frame(
     Returns:
         Header and body, ready for ``transport.write``.
     """
+    header, body = encode_frame_parts(
+        kind, request_id, body, timeout_ms=timeout_ms, compression=compression
+    )
+    return header + body
+
+
+def encode_frame_parts(
+    kind: int,
+    request_id: int,
+    body: bytes,
+    *,
+    timeout_ms: int = 0,
+    compression: Compression | None = None,
+) -> tuple[bytes, bytes]:
+    """``encode_frame`` as (header, body), for ``transport.writelines`` without a copy."""
     flags = 0
     if compression is not None and 0 < compression.threshold <= len(body):
         packed = _compressor(compression.level).compress(body)
         if len(packed) < len(body):
             body, flags = packed, FLAG_COMPRESSED
     header = HEADER.pack(MAGIC, PROTOCOL_VERSION, flags, kind, request_id, timeout_ms, len(body))
-    return header + body
+    return header, body
 
 
 _new_frame = tuple.__new__  # Frame(...) without the Python-level __new__ of a NamedTuple
@@ -164,7 +183,10 @@ class FrameDecoder:
     raised ``ProtocolError`` the stream is unusable and the decoder stays broken.
     """
 
-    __slots__ = ("_buffer", "_broken", "_decompressor", "_offset", "max_frame_size")
+    __slots__ = (
+        "_broken", "_buffer", "_decompressor", "_gathered", "_header", "_offset", "_pieces",
+        "max_frame_size",
+    )  # fmt: skip
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         self.max_frame_size = max_frame_size
@@ -172,9 +194,16 @@ class FrameDecoder:
         self._offset = 0  # start of the first unconsumed byte in _buffer
         self._broken: ProtocolError | None = None
         self._decompressor = zstandard.ZstdDecompressor()
+        self._pieces: list[bytes | memoryview] = []  # a large body being gathered
+        self._gathered = 0  # bytes in _pieces
+        self._header: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)  # of the gathered frame
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append received bytes; call ``next_frame`` until it returns None."""
+        if self._pieces:
+            self._pieces.append(data if type(data) is bytes else bytes(data))
+            self._gathered += len(data)
+            return
         buffer, offset = self._buffer, self._offset
         if offset >= len(buffer):  # nothing pending: parse this chunk where it is
             self._buffer = data if type(data) is bytes else bytes(data)
@@ -192,11 +221,13 @@ class FrameDecoder:
 
     def is_empty(self) -> bool:
         """True when no started frame waits for more bytes."""
-        return self._offset >= len(self._buffer)
+        return not self._pieces and self._offset >= len(self._buffer)
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as frames (a started frame if nonzero)."""
+        if self._pieces:
+            return HEADER_SIZE + self._gathered
         return len(self._buffer) - self._offset
 
     def next_frame(self) -> Frame | None:
@@ -208,6 +239,8 @@ class FrameDecoder:
         """
         if self._broken is not None:
             raise self._broken
+        if self._pieces:
+            return self._take_gathered()
         buffer, start = self._buffer, self._offset
         if len(buffer) - start < HEADER_SIZE:
             return None
@@ -220,6 +253,11 @@ class FrameDecoder:
             self._fail(FrameTooLarge(f"frame body of {length} bytes exceeds {self.max_frame_size}"))
         end = start + HEADER_SIZE + length
         if len(buffer) < end:
+            if length >= _GATHER_MIN:  # gather the rest as chunks, join once at the end
+                self._pieces.append(memoryview(buffer)[start + HEADER_SIZE :])
+                self._gathered = len(buffer) - start - HEADER_SIZE
+                self._header = (flags, kind, request_id, timeout_ms, length)
+                self._buffer, self._offset = b"", 0
             return None
         if type(buffer) is bytes:
             body = buffer[start + HEADER_SIZE : end]  # bytes slice: the one copy
@@ -229,6 +267,26 @@ class FrameDecoder:
             with memoryview(buffer) as view:
                 body = bytes(view[start + HEADER_SIZE : end])
         self._offset = end
+        if flags & FLAG_COMPRESSED:
+            body = self._decompress(body)
+        return _new_frame(Frame, (kind, request_id, body, timeout_ms))
+
+    def _take_gathered(self) -> Frame | None:
+        flags, kind, request_id, timeout_ms, length = self._header
+        pieces = self._pieces
+        excess = self._gathered - length
+        if excess < 0:
+            return None
+        if excess:  # the last chunk also holds the start of what follows
+            with memoryview(pieces[-1]) as last:
+                pieces[-1] = last[: len(last) - excess]
+                self._buffer = bytes(last[len(last) - excess :])
+        body = b"".join(pieces)  # the one copy of the body
+        for piece in pieces:
+            if isinstance(piece, memoryview):
+                piece.release()
+        pieces.clear()
+        self._gathered = 0
         if flags & FLAG_COMPRESSED:
             body = self._decompress(body)
         return _new_frame(Frame, (kind, request_id, body, timeout_ms))

@@ -37,10 +37,10 @@ from package import (
     RPCError,
     Unavailable,
 )
-from protocol import Frame, FrameDecoder, ProtocolError, encode_frame
+from protocol import Frame, FrameDecoder, ProtocolError, encode_frame_parts
 from server_config import DatabaseSettings
 from tls import build_server_ssl_context, make_self_signed_cert, openssl_command
-from utils import EXIT_CONFIG, handle_run_main, setup_logging
+from utils import EXIT_CONFIG, handle_run_main, reuse_large_buffers, setup_logging
 
 __all__ = ["Connection", "Server", "main", "serve"]
 
@@ -164,7 +164,7 @@ class Connection(asyncio.Protocol):
         limit = self.settings.max_in_flight
         compression = self.server.compression
         refuse = self.is_draining and self.server.is_shutting_down
-        answers: list[bytes] = []
+        answers: list[bytes] = []  # headers and bodies, written together
         took_any = False
         try:
             while len(tasks) < limit:
@@ -183,17 +183,15 @@ class Connection(asyncio.Protocol):
                     tasks.add(task)
                     task.add_done_callback(self._request_done)
                     continue
-                answers.append(encode_frame(kind, frame.request_id, body, compression=compression))
+                answers += encode_frame_parts(kind, frame.request_id, body, compression=compression)
         except ProtocolError as exc:
             self._write(answers)
             self._fail_stream(exc)
             return
         if answers:
-            self.requests_answered += len(answers)
-            self.server.app.stats.requests_served += len(answers)
-            transport = self.transport
-            if transport is not None and not transport.is_closing():
-                transport.write(answers[0] if len(answers) == 1 else b"".join(answers))
+            self.requests_answered += len(answers) // 2
+            self.server.app.stats.requests_served += len(answers) // 2
+            self._write(answers)
         if decoder.is_empty():
             self.partial_frame_since = None
         elif took_any or self.partial_frame_since is None:
@@ -202,10 +200,10 @@ class Connection(asyncio.Protocol):
         if self.is_read_paused or len(tasks) >= limit:
             self._set_reading()
 
-    def _write(self, frames: list[bytes]) -> None:
+    def _write(self, pieces: list[bytes]) -> None:
         transport = self.transport
-        if frames and transport is not None and not transport.is_closing():
-            transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        if pieces and transport is not None and not transport.is_closing():
+            transport.writelines(pieces)
 
     async def _serve(self, frame: Frame) -> None:
         settings = self.settings
@@ -244,7 +242,8 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        transport.write(encode_frame(kind, request_id, body, compression=self.server.compression))
+        compression = self.server.compression
+        transport.writelines(encode_frame_parts(kind, request_id, body, compression=compression))
 
     def _send_error(self, request_id: int, error: RPCError) -> None:
         kind, body = error_answer(error)
@@ -598,6 +597,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
+    if settings.reuse_large_buffers:
+        reuse_large_buffers(settings.max_frame_size)
     handle_run_main(server.serve, use_uvloop=settings.use_uvloop)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import ssl
@@ -83,6 +84,23 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
 
 def _os_message(exc: OSError) -> str:
     return exc.strerror or str(exc)
+
+
+def reuse_large_buffers(size: int) -> bool:
+    """Have glibc serve allocations up to ``size`` bytes from its heap and keep freed memory.
+
+    By default glibc maps each allocation above 128 KiB afresh and unmaps it when freed, so
+    every large frame pays a page fault per 4 KiB touched, which costs more than copying the
+    frame. The price: memory freed after a burst of large frames stays with the process.
+    Returns False (and changes nothing) where the C library is not glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    largest = min(size, 32 * 1024 * 1024)  # glibc's ceiling for the mmap threshold (64-bit)
+    return bool(mallopt(m_mmap_threshold, largest)) and bool(mallopt(m_trim_threshold, 4 * largest))
 
 
 def handle_run_main(

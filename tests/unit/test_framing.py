@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import tracemalloc
 
 import pytest
@@ -185,3 +186,21 @@ def test_compression_threshold_and_incompressible_bodies() -> None:
     assert decode_all(noise)[0].body == bytes(range(256)) * 4 + b"\x01"
     off = encode_frame(4, 1, b"a" * 100_000, compression=Compression(threshold=0))
     assert off[3] == 0 and len(off) == HEADER.size + 100_000
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 300_000), min_size=1, max_size=40), st.integers(0, 2**32 - 1))
+def test_large_bodies_split_anywhere_decode_intact(cuts: list[int], seed: int) -> None:
+    """Bodies over the gathering size, split at random, with small frames around them."""
+    large = bytes(random.Random(seed).randbytes(200_000))
+    specs = [(4, 1, b"small"), (4, 2, large), (4, 3, b""), (4, 4, large[::-1]), (4, 5, b"end")]
+    stream = b"".join(encode_frame(kind, rid, body) for kind, rid, body in specs)
+    decoder, frames, position = FrameDecoder(), [], 0
+    for cut in [*cuts, len(stream)]:
+        decoder.feed(bytearray(stream[position : position + cut]))  # any buffer type
+        position += cut
+        while (frame := decoder.next_frame()) is not None:
+            frames.append(frame)
+        assert decoder.buffered == 0 or not decoder.is_empty()
+    assert [(f.kind, f.request_id, f.body) for f in frames] == specs
+    assert decoder.is_empty() and decoder.buffered == 0
