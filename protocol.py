@@ -193,7 +193,9 @@ class FrameDecoder:
         self._buffer: bytes | bytearray = b""
         self._offset = 0  # start of the first unconsumed byte in _buffer
         self._broken: ProtocolError | None = None
-        self._decompressor = zstandard.ZstdDecompressor()
+        # Made on the first compressed frame: a zstd context costs ~8 KiB of memory, more than
+        # the rest of an idle connection, and most connections never need one.
+        self._decompressor: zstandard.ZstdDecompressor | None = None
         self._pieces: list[bytes | memoryview] = []  # a large body being gathered
         self._gathered = 0  # bytes in _pieces
         self._header: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)  # of the gathered frame
@@ -305,6 +307,8 @@ class FrameDecoder:
                 FrameTooLarge(f"decompressed body of {size} bytes exceeds {self.max_frame_size}")
             )
         try:
+            if self._decompressor is None:
+                self._decompressor = zstandard.ZstdDecompressor()
             return self._decompressor.decompress(body)
         except zstandard.ZstdError as exc:
             self._fail(BadFrame(f"compressed body is corrupt: {exc}"))

@@ -57,6 +57,12 @@ class Connection(asyncio.Protocol):
     without bound. Every task it starts is cancelled when the connection ends.
     """
 
+    __slots__ = (
+        "closed", "ctx", "decoder", "id", "is_closing", "is_draining", "is_read_paused",
+        "is_ready", "is_write_paused", "last_activity", "loop", "partial_frame_since",
+        "requests_answered", "server", "settings", "tasks", "transport", "watchdog",
+    )  # fmt: skip  # thousands of idle connections: no per-instance dict
+
     def __init__(self, server: Server, connection_id: int) -> None:
         self.server = server
         self.settings = server.settings

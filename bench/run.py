@@ -35,6 +35,9 @@ ROOT = BENCH.parent
 PYTHON = sys.executable
 SERVER_CPU, CLIENT_CPU = "0", "1"
 README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+# pyasync-server tells glibc to keep large buffers for reuse (utils.reuse_large_buffers); every
+# server here gets the same through the environment, so the comparison is of code, not malloc.
+SAME_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(128 << 20)}
 IDLE_CONNECTIONS = 5_000
 HELD_CONNECTIONS = 10_000
 
@@ -146,7 +149,8 @@ def running(server: Server, files: dict[str, str]) -> Iterator[tuple[int, int]]:
     port = free_port()
     values = {**files, "port": str(port)}
     command = ["taskset", "-c", SERVER_CPU] + [part.format(**values) for part in server.command]
-    env = {**os.environ, **{key: value.format(**values) for key, value in server.env.items()}}
+    env = {**os.environ, **SAME_ALLOCATOR,
+           **{key: value.format(**values) for key, value in server.env.items()}}  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     try:
         wait_for_port(port, process)
