@@ -22,6 +22,7 @@ import warnings
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol
 
+from deadlines import within
 from package import DeadlineExceeded, Internal, Unavailable
 from server_config import DatabaseSettings
 
@@ -138,7 +139,7 @@ class _Adapter:
         limit = self.query_timeout if timeout is None else timeout
         task = asyncio.get_running_loop().create_task(call()) if self.detach_calls else None
         try:
-            async with asyncio.timeout(limit):
+            async with within(limit):
                 return await (asyncio.shield(task) if task is not None else call())
         except TimeoutError:
             self._abandon(task)
@@ -417,7 +418,7 @@ class Pool:
         wait = self.settings.db_connect_timeout if timeout is None else timeout
         try:
             if self.slots.locked():  # only a full pool needs a timer
-                async with asyncio.timeout(wait):
+                async with within(wait):
                     await self.slots.acquire()
             else:
                 await self.slots.acquire()

@@ -29,6 +29,7 @@ from actions import (
 )
 from config import ConfigError, Settings
 from context import App, Context, TLSInfo
+from deadlines import within
 from package import (
     PACKAGE,
     DeadlineExceeded,
@@ -47,6 +48,7 @@ __all__ = ["Connection", "Server", "main", "serve"]
 log = logging.getLogger("pyasync.server")
 
 SHUTDOWN_REQUEST_ID = 0  # error frames about the connection itself, not one request
+LARGE_WRITE = 64 * 1024  # bytes; answers larger than this are written without joining them
 
 
 class Connection(asyncio.Protocol):
@@ -206,9 +208,15 @@ class Connection(asyncio.Protocol):
         if self.is_read_paused or len(tasks) >= limit:
             self._set_reading()
 
-    def _write(self, pieces: list[bytes]) -> None:
+    def _write(self, pieces: Sequence[bytes]) -> None:
+        """Write headers and bodies: small ones joined (one TLS record, one segment), large
+        ones as they are (no copy)."""
         transport = self.transport
-        if pieces and transport is not None and not transport.is_closing():
+        if not pieces or transport is None or transport.is_closing():
+            return
+        if sum(map(len, pieces)) < LARGE_WRITE:
+            transport.write(b"".join(pieces))
+        else:
             transport.writelines(pieces)
 
     async def _serve(self, frame: Frame) -> None:
@@ -216,7 +224,7 @@ class Connection(asyncio.Protocol):
         timeout = frame.timeout_ms / 1000 if frame.timeout_ms else settings.request_timeout
         timeout = min(timeout, settings.max_request_timeout)
         try:
-            async with asyncio.timeout(timeout):
+            async with within(timeout):
                 kind, body = await unpack_and_process(frame, self.ctx)
         except TimeoutError:
             kind, body = error_answer(
@@ -245,11 +253,8 @@ class Connection(asyncio.Protocol):
         self._close_if_done()
 
     def _send(self, kind: PACKAGE, request_id: int, body: bytes) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
         compression = self.server.compression
-        transport.writelines(encode_frame_parts(kind, request_id, body, compression=compression))
+        self._write(encode_frame_parts(kind, request_id, body, compression=compression))
 
     def _send_error(self, request_id: int, error: RPCError) -> None:
         kind, body = error_answer(error)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import ssl
 import struct
@@ -69,6 +70,8 @@ async def echo_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         pass
     finally:
         writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
 
 
 async def serve(args: argparse.Namespace) -> None:

@@ -2,6 +2,7 @@
 
     python bench/run.py                  # everything: about 25 minutes
     python bench/run.py --quick          # one short run per row, to try the harness
+    python bench/run.py --shapes e --merge   # run one shape again, keep the others' rows
 
 Each server runs pinned to CPU 0 and its load generator to CPU 1 (``taskset``); a row is the
 median of ``--runs`` runs of ``--duration`` seconds measured after ``--warmup`` seconds, with the
@@ -299,7 +300,7 @@ def run_database_shape(binary: Path, files: dict[str, str], args: argparse.Names
         server_runs = []
         for _ in range(args.runs):
             with running(server, files) as (pid, port):
-                command = [str(binary), "--port", str(port), "--proto", "pyasync-kv",
+                command = [str(binary), "--port", str(port), "--proto", "pyasync",
                            "--keys", "10000", "--connections", "8", "--inflight", "8",
                            "--size", "0", *timing]  # fmt: skip
                 server_runs.append(load(command, pid, args.warmup))
@@ -433,6 +434,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 run of 1 s after 0.5 s")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance")
     parser.add_argument("--readme", action="store_true", help="write the table into README.md")
+    parser.add_argument(
+        "--merge", action="store_true", help="keep --out's rows of the shapes not run now"
+    )
     args = parser.parse_args()
     args.backends = [b for b in args.backends.split(",") if b]
     if args.quick:
@@ -453,6 +457,10 @@ def main() -> None:
         if "e" in args.shapes:
             rows += run_database_shape(binary, files, args)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge and (args.out / "results.json").exists():
+        kept = json.loads((args.out / "results.json").read_text())["rows"]
+        rows = [Row(**row) for row in kept if row["shape"] not in args.shapes] + rows
+        rows.sort(key=lambda row: "abcde".index(row.shape))
     markdown = table(rows, args)
     (args.out / "results.md").write_text(markdown + "\n")
     raw = {"machine": machine(), "runs": args.runs, "warmup_s": args.warmup,
