@@ -147,6 +147,9 @@ def encode_frame(
     Returns:
         Header and body, ready for ``transport.write``.
     """
+    if compression is None or not 0 < compression.threshold <= len(body):  # the common case
+        size = len(body)
+        return HEADER.pack(MAGIC, PROTOCOL_VERSION, 0, kind, request_id, timeout_ms, size) + body
     header, body = encode_frame_parts(
         kind, request_id, body, timeout_ms=timeout_ms, compression=compression
     )

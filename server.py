@@ -38,7 +38,7 @@ from package import (
     RPCError,
     Unavailable,
 )
-from protocol import Frame, FrameDecoder, ProtocolError, encode_frame_parts
+from protocol import Frame, FrameDecoder, ProtocolError, encode_frame, encode_frame_parts
 from server_config import DatabaseSettings
 from tls import build_server_ssl_context, make_self_signed_cert, openssl_command
 from utils import EXIT_CONFIG, handle_run_main, reuse_large_buffers, setup_logging
@@ -172,7 +172,9 @@ class Connection(asyncio.Protocol):
         limit = self.settings.max_in_flight
         compression = self.server.compression
         refuse = self.is_draining and self.server.is_shutting_down
-        answers: list[bytes] = []  # headers and bodies, written together
+        answers: list[bytes] = []  # encoded frames, or header and body apart for large ones
+        answered = 0
+        large = False
         took_any = False
         try:
             while len(tasks) < limit:
@@ -191,15 +193,24 @@ class Connection(asyncio.Protocol):
                     tasks.add(task)
                     task.add_done_callback(self._request_done)
                     continue
-                answers += encode_frame_parts(kind, frame.request_id, body, compression=compression)
+                answered += 1
+                if len(body) < LARGE_WRITE:
+                    answers.append(
+                        encode_frame(kind, frame.request_id, body, compression=compression)
+                    )
+                else:
+                    answers += encode_frame_parts(
+                        kind, frame.request_id, body, compression=compression
+                    )
+                    large = True
         except ProtocolError as exc:
-            self._write(answers)
+            self._write(answers, large)
             self._fail_stream(exc)
             return
         if answers:
-            self.requests_answered += len(answers) // 2
-            self.server.app.stats.requests_served += len(answers) // 2
-            self._write(answers)
+            self.requests_answered += answered
+            self.server.app.stats.requests_served += answered
+            self._write(answers, large)
         if decoder.is_empty():
             self.partial_frame_since = None
         elif took_any or self.partial_frame_since is None:
@@ -208,16 +219,16 @@ class Connection(asyncio.Protocol):
         if self.is_read_paused or len(tasks) >= limit:
             self._set_reading()
 
-    def _write(self, pieces: Sequence[bytes]) -> None:
-        """Write headers and bodies: small ones joined (one TLS record, one segment), large
-        ones as they are (no copy)."""
+    def _write(self, pieces: Sequence[bytes], large: bool) -> None:
+        """Write small frames joined (one TLS record, one segment) and large bodies as they
+        are, beside their headers (no copy)."""
         transport = self.transport
         if not pieces or transport is None or transport.is_closing():
             return
-        if sum(map(len, pieces)) < LARGE_WRITE:
-            transport.write(b"".join(pieces))
-        else:
+        if large:
             transport.writelines(pieces)
+        else:
+            transport.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
     async def _serve(self, frame: Frame) -> None:
         settings = self.settings
@@ -254,7 +265,10 @@ class Connection(asyncio.Protocol):
 
     def _send(self, kind: PACKAGE, request_id: int, body: bytes) -> None:
         compression = self.server.compression
-        self._write(encode_frame_parts(kind, request_id, body, compression=compression))
+        if len(body) < LARGE_WRITE:
+            self._write([encode_frame(kind, request_id, body, compression=compression)], False)
+        else:
+            self._write(encode_frame_parts(kind, request_id, body, compression=compression), True)
 
     def _send_error(self, request_id: int, error: RPCError) -> None:
         kind, body = error_answer(error)

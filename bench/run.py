@@ -451,16 +451,24 @@ def main() -> None:
 
         cert, key = make_self_signed_cert(folder / "tls")
         files = {"cert": str(cert), "key": str(key), "sqlite": str(folder / "bench.sqlite3")}
+        kept: list[Row] = []
+        if args.merge and (args.out / "results.json").exists():
+            raw = json.loads((args.out / "results.json").read_text())["rows"]
+            kept = [Row(**row) for row in raw if row["shape"] not in args.shapes]
         rows = run_rate_shapes(binary, files, args)
+        write_outputs(kept + rows, args)  # after each part: a failure later loses only that
         if "d" in args.shapes:
             rows += run_idle_shape(files, args)
+            write_outputs(kept + rows, args)
         if "e" in args.shapes:
             rows += run_database_shape(binary, files, args)
+            write_outputs(kept + rows, args)
+    print(f"\nwrote {args.out / 'results.md'}, results.json and results.png")
+
+
+def write_outputs(rows: list[Row], args: argparse.Namespace) -> None:
+    rows = sorted(rows, key=lambda row: "abcde".index(row.shape))
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.merge and (args.out / "results.json").exists():
-        kept = json.loads((args.out / "results.json").read_text())["rows"]
-        rows = [Row(**row) for row in kept if row["shape"] not in args.shapes] + rows
-        rows.sort(key=lambda row: "abcde".index(row.shape))
     markdown = table(rows, args)
     (args.out / "results.md").write_text(markdown + "\n")
     raw = {"machine": machine(), "runs": args.runs, "warmup_s": args.warmup,
@@ -470,7 +478,6 @@ def main() -> None:
     chart(rows, args.out / "results.png")
     if args.readme:
         update_readme(markdown, args.out / "results.png")
-    print(f"\nwrote {args.out / 'results.md'}, results.json and results.png")
 
 
 if __name__ == "__main__":
