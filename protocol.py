@@ -147,8 +147,8 @@ def encode_frame(
     Returns:
         Header and body, ready for ``transport.write``.
     """
-    if compression is None or not 0 < compression.threshold <= len(body):  # the common case
-        size = len(body)
+    size = len(body)
+    if compression is None or not 0 < compression.threshold <= size:  # the common case
         return HEADER.pack(MAGIC, PROTOCOL_VERSION, 0, kind, request_id, timeout_ms, size) + body
     header, body = encode_frame_parts(
         kind, request_id, body, timeout_ms=timeout_ms, compression=compression
@@ -247,7 +247,8 @@ class FrameDecoder:
         if self._pieces:
             return self._take_gathered()
         buffer, start = self._buffer, self._offset
-        if len(buffer) - start < HEADER_SIZE:
+        available = len(buffer)
+        if available - start < HEADER_SIZE:
             return None
         magic, version, flags, kind, request_id, timeout_ms, length = HEADER.unpack_from(
             buffer, start
@@ -257,7 +258,7 @@ class FrameDecoder:
         if length > self.max_frame_size:
             self._fail(FrameTooLarge(f"frame body of {length} bytes exceeds {self.max_frame_size}"))
         end = start + HEADER_SIZE + length
-        if len(buffer) < end:
+        if available < end:
             if length >= _GATHER_MIN:  # gather the rest as chunks, join once at the end
                 self._pieces.append(memoryview(buffer)[start + HEADER_SIZE :])
                 self._gathered = len(buffer) - start - HEADER_SIZE

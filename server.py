@@ -176,8 +176,9 @@ class Connection(asyncio.Protocol):
         answered = 0
         large = False
         took_any = False
+        room = limit - len(tasks)
         try:
-            while len(tasks) < limit:
+            while room > 0:
                 frame = decoder.next_frame()
                 if frame is None:
                     break
@@ -192,6 +193,7 @@ class Connection(asyncio.Protocol):
                     task = self.loop.create_task(self._serve(frame))
                     tasks.add(task)
                     task.add_done_callback(self._request_done)
+                    room -= 1
                     continue
                 answered += 1
                 if len(body) < LARGE_WRITE:
@@ -216,7 +218,7 @@ class Connection(asyncio.Protocol):
         elif took_any or self.partial_frame_since is None:
             self.partial_frame_since = self.loop.time()
             self._arm_watchdog()
-        if self.is_read_paused or len(tasks) >= limit:
+        if self.is_read_paused or room <= 0:
             self._set_reading()
 
     def _write(self, pieces: Sequence[bytes], large: bool) -> None:
