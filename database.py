@@ -393,7 +393,8 @@ class Pool:
         self.in_use = 0
         self.slots = asyncio.Semaphore(settings.db_pool_max_size)
         self.closing_tasks: set[asyncio.Task[None]] = set()
-        self.connecting: set[asyncio.Task[_Adapter]] = set()
+        self.connecting: set[asyncio.Task[_Adapter]] = set()  # adopted: requester gone
+        self.opening = 0  # connections being opened for a requester that still waits
         self.is_closed = False
 
     @property
@@ -449,6 +450,7 @@ class Pool:
         # connection to the pool instead of cutting the driver's handshake short (asyncpg
         # then reports "unexpected connection_lost()" as an unretrieved future).
         task = asyncio.get_running_loop().create_task(self.open_connection())
+        self.opening += 1
         try:
             async with asyncio.timeout(self.settings.db_connect_timeout):
                 return await asyncio.shield(task)
@@ -467,6 +469,8 @@ class Pool:
             raise Unavailable(
                 f"could not connect to {self.settings.describe()}: {type(exc).__name__}: {exc}"
             ) from None
+        finally:
+            self.opening -= 1
 
     def _adopt(self, task: asyncio.Task[_Adapter]) -> None:
         """Keep a connection that arrives after its requester left, if there is room."""
@@ -477,7 +481,8 @@ class Pool:
             if task.cancelled() or task.exception() is not None:
                 return
             adapter = task.result()
-            if self.is_closed or self.size >= self.settings.db_pool_max_size:
+            # Room is what the waiting requesters (in use, or still connecting) leave over.
+            if self.is_closed or self.size + self.opening >= self.settings.db_pool_max_size:
                 self._discard(adapter)
             else:
                 self.idle.append(adapter)

@@ -705,6 +705,21 @@ static void on_readable(struct conn *c)
 /* ---------------------------------------------------------------------------------------- */
 /* Set-up                                                                                    */
 
+/* A pyasync request header: magic, version 1, no flags, type, request id 0 (set per request),
+   timeout 0 (the server's default), body length. */
+static void put_py_header(unsigned char *p, unsigned char type, uint32_t bodylen)
+{
+    p[0] = 0x50;
+    p[1] = 0x59;
+    p[2] = 1;
+    p[3] = 0;
+    p[4] = 0;
+    p[5] = type;
+    put32(p + 6, 0);
+    put32(p + 10, 0);
+    put32(p + 14, bodylen);
+}
+
 static void build_templates(void)
 {
     g_size = (size_t)opt_size;
@@ -716,15 +731,7 @@ static void build_templates(void)
         if (opt_keys) { /* KV_GET {"key": "keyNNNNN"}: the whole request lives in the prefix */
             static const unsigned char body[14] = {0x81, 0xa3, 'k', 'e', 'y', 0xa8, 'k',
                                                    'e',  'y',  '0', '0', '0', '0', '0'};
-            p[0] = 0x50;
-            p[1] = 0x59;
-            p[2] = 1;
-            p[3] = 0;
-            p[4] = 0;
-            p[5] = 12; /* REQUEST_KV_GET */
-            put32(p + 6, 0);
-            put32(p + 10, 0);
-            put32(p + 14, sizeof body);
+            put_py_header(p, 12, sizeof body); /* REQUEST_KV_GET */
             memcpy(p + PY_HEADER, body, sizeof body);
             g_bodylen = sizeof body;
             g_plen = PY_HEADER + sizeof body;
@@ -749,15 +756,7 @@ static void build_templates(void)
             binlen = 5;
         }
         g_bodylen = (uint32_t)(6 + binlen + g_size);
-        p[0] = 0x50;
-        p[1] = 0x59;
-        p[2] = 1;
-        p[3] = 0;
-        p[4] = 0;
-        p[5] = 4;            /* REQUEST_ECHO */
-        put32(p + 6, 0);     /* request id, set per request */
-        put32(p + 10, 0);    /* timeout: server default */
-        put32(p + 14, g_bodylen);
+        put_py_header(p, 4, g_bodylen); /* REQUEST_ECHO */
         static const unsigned char map[6] = {0x81, 0xa4, 'd', 'a', 't', 'a'};
         memcpy(p + PY_HEADER, map, sizeof map);
         memcpy(p + PY_HEADER + 6, bin, binlen);
