@@ -93,7 +93,7 @@ async def serve(args: argparse.Namespace) -> None:
     stop = loop.create_future()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set_result, None)
-    print("ready", flush=True)
+    print("ready", server.sockets[0].getsockname()[1], flush=True)  # the port, for --port 0
     async with server:
         await stop
 
