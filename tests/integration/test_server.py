@@ -354,3 +354,29 @@ async def test_hooks_run_once_each(running_server: ServerFactory) -> None:
             assert await client.ping() > 0
         await server.shutdown()
     assert events == ["startup", "connect 1", "disconnect 1", "shutdown"]
+
+
+async def test_a_client_that_does_not_read_is_held_back_not_buffered(
+    server: Server, raw: RawConnection
+) -> None:
+    """A client that sends and never reads: the server stops reading from it instead of piling
+    up answers, and once the client reads, every answer arrives."""
+    data = os.urandom(256 * 1024)  # incompressible: sent as it is
+    request = pack(PACKAGE.REQUEST_ECHO, EchoRequest(data=data))
+    total = 200  # 50 MiB of answers
+    frames = [encode_frame(PACKAGE.REQUEST_ECHO, i, request) for i in range(1, total + 1)]
+    sender = asyncio.create_task(raw.send(b"".join(frames)))
+    await asyncio.sleep(1.0)
+    assert not sender.done()  # the server stopped reading, so the client cannot send it all
+    (connection,) = server.connections
+    assert connection.transport is not None
+    assert connection.transport.get_write_buffer_size() < 4 * 1024 * 1024
+    seen = set()
+    for _ in range(total):
+        frame = await raw.read_frame(timeout=10)
+        assert frame is not None and frame.kind == PACKAGE.ANSWER_ECHO
+        answer = unpack(PACKAGE.ANSWER_ECHO, frame.body)
+        assert isinstance(answer, EchoAnswer) and answer.data == data
+        seen.add(frame.request_id)
+    await sender
+    assert seen == set(range(1, total + 1))
