@@ -224,10 +224,6 @@ class FrameDecoder:
                 self._offset = 0
             buffer += data
 
-    def is_empty(self) -> bool:
-        """True when no started frame waits for more bytes."""
-        return not self._pieces and self._offset >= len(self._buffer)
-
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as frames (a started frame if nonzero)."""

@@ -170,7 +170,6 @@ class Connection(asyncio.Protocol):
             return
         decoder, tasks, ctx = self.decoder, self.tasks, self.ctx
         limit = self.settings.max_in_flight
-        compression = self.server.compression
         refuse = self.is_draining and self.server.is_shutting_down
         answers: list[bytes] = []  # encoded frames, or header and body apart for large ones
         answered = 0
@@ -196,30 +195,31 @@ class Connection(asyncio.Protocol):
                     room -= 1
                     continue
                 answered += 1
-                if len(body) < LARGE_WRITE:
-                    answers.append(
-                        encode_frame(kind, frame.request_id, body, compression=compression)
-                    )
-                else:
-                    answers += encode_frame_parts(
-                        kind, frame.request_id, body, compression=compression
-                    )
-                    large = True
+                large |= self._add_answer(answers, kind, frame.request_id, body)
         except ProtocolError as exc:
             self._write(answers, large)
             self._fail_stream(exc)
             return
         if answers:
-            self.requests_answered += answered
-            self.server.app.stats.requests_served += answered
+            self._answered(answered)
             self._write(answers, large)
-        if decoder.is_empty():
+        if not decoder.buffered:
             self.partial_frame_since = None
         elif took_any or self.partial_frame_since is None:
             self.partial_frame_since = self.loop.time()
             self._arm_watchdog()
         if self.is_read_paused or room <= 0:
             self._set_reading()
+
+    def _add_answer(self, answers: list[bytes], kind: int, request_id: int, body: bytes) -> bool:
+        """Append one answer's frame to ``answers``: whole when small, header and body apart
+        when large; True for large."""
+        compression = self.server.compression
+        if len(body) < LARGE_WRITE:
+            answers.append(encode_frame(kind, request_id, body, compression=compression))
+            return False
+        answers += encode_frame_parts(kind, request_id, body, compression=compression)
+        return True
 
     def _write(self, pieces: Sequence[bytes], large: bool) -> None:
         """Write small frames joined (one TLS record, one segment) and large bodies as they
@@ -266,11 +266,8 @@ class Connection(asyncio.Protocol):
         self._close_if_done()
 
     def _send(self, kind: PACKAGE, request_id: int, body: bytes) -> None:
-        compression = self.server.compression
-        if len(body) < LARGE_WRITE:
-            self._write([encode_frame(kind, request_id, body, compression=compression)], False)
-        else:
-            self._write(encode_frame_parts(kind, request_id, body, compression=compression), True)
+        answers: list[bytes] = []
+        self._write(answers, self._add_answer(answers, kind, request_id, body))
 
     def _send_error(self, request_id: int, error: RPCError) -> None:
         kind, body = error_answer(error)
