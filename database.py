@@ -22,8 +22,8 @@ import warnings
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol
 
-from deadlines import within
 from package import DeadlineExceeded, Internal, Unavailable
+from pyasync.deadlines import within
 from server_config import DatabaseSettings
 
 __all__ = [

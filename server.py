@@ -29,7 +29,6 @@ from actions import (
 )
 from config import ConfigError, Settings
 from context import App, Context, TLSInfo
-from deadlines import within
 from package import (
     PACKAGE,
     DeadlineExceeded,
@@ -39,8 +38,9 @@ from package import (
     Unavailable,
 )
 from protocol import Frame, FrameDecoder, ProtocolError, encode_frame, encode_frame_parts
+from pyasync.deadlines import within
+from pyasync.tls import build_server_ssl_context, make_self_signed_cert, openssl_command
 from server_config import DatabaseSettings
-from tls import build_server_ssl_context, make_self_signed_cert, openssl_command
 from utils import EXIT_CONFIG, handle_run_main, reuse_large_buffers, setup_logging
 
 __all__ = ["Connection", "Server", "main", "serve"]

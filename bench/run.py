@@ -445,7 +445,7 @@ def main() -> None:
         folder = Path(scratch)
         binary = build_loadgen(folder)
         sys.path.insert(0, str(ROOT))
-        from tls import make_self_signed_cert
+        from pyasync.tls import make_self_signed_cert
 
         cert, key = make_self_signed_cert(folder / "tls")
         files = {"cert": str(cert), "key": str(key), "sqlite": str(folder / "bench.sqlite3")}

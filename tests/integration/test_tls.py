@@ -14,8 +14,8 @@ import config
 from client import Client, ConnectionClosed
 from context import Context
 from package import PACKAGE, EchoAnswer, EchoRequest
+from pyasync.tls import build_server_ssl_context
 from tests.integration.conftest import RawConnection, ServerFactory
-from tls import build_server_ssl_context
 from utils import resolve_client_ssl_context
 
 

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-import deadlines
-from deadlines import TICK, within
+from pyasync import deadlines
+from pyasync.deadlines import TICK, within
 
 
 async def test_a_block_past_its_deadline_raises_timeout_error() -> None:
