@@ -1,4 +1,4 @@
-"""Actions: one async function per request type, and ``unpack_and_process()`` that routes to them.
+"""Actions: one function per request type. This is the file to extend.
 
 To add a feature, declare a ``REQUEST_X``/``ANSWER_X`` pair with their bodies in ``package.py``,
 then write one function here::
@@ -8,8 +8,9 @@ then write one function here::
         return XAnswer(...)
 
 An action that never waits (no ``await``) may be a plain ``def``: it then runs inline as its
-frame is decoded, with no task, several times cheaper (keep it to microseconds of work, as it
-holds the event loop).
+frame is decoded, with no task, several times cheaper. The price: an inline action has no
+timeout and does not count towards ``MAX_IN_FLIGHT`` (it finishes before the next frame is
+read), and while it runs nothing else on the server does: keep it to microseconds of work.
 
 Raise an ``RPCError`` subclass (``InvalidArgument``, ``NotFound``, ...) to answer with an error.
 Any other exception is logged with its traceback and answered as ``INTERNAL``.
@@ -17,29 +18,21 @@ Any other exception is logged with its traceback and answered as ``INTERNAL``.
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
-
-import msgspec
+from collections.abc import Callable
+from typing import TypeVar
 
 import database
-from context import App, Context
-from database import DatabaseManager, UniqueViolation, connect
+from context import Context
+from database import UniqueViolation, connect
 from package import (
     PACKAGE,
-    Body,
     ChangeQuestionMarkAnswer,
     ChangeQuestionMarkRequest,
     Conflict,
     DbInfoAnswer,
     DbInfoRequest,
-    DeadlineExceeded,
     EchoAnswer,
     EchoRequest,
-    Internal,
     InvalidArgument,
     KvDeleteAnswer,
     KvDeleteRequest,
@@ -53,225 +46,92 @@ from package import (
     NotFound,
     PingAnswer,
     PingRequest,
-    RPCError,
     ServerInfoAnswer,
     ServerInfoRequest,
     Unavailable,
-    Unimplemented,
-    UnknownPackageType,
     __version__,
-    answer_kind_for,
-    body_type,
-    is_request,
-    pack,
 )
 from protocol import Frame
+from pyasync.router import (
+    ROUTER,
+    Action,
+    Answer,
+    AppHook,
+    ConnectionHook,
+    Interceptor,
+)
 
 __all__ = [
-    "ACTIONS",
     "Action",
+    "Interceptor",
     "action",
     "check_actions",
-    "error_answer",
+    "interceptor",
     "on_connect",
     "on_disconnect",
     "on_shutdown",
     "on_startup",
-    "process_inline",
-    "route_for",
     "unpack_and_process",
 ]
 
-log = logging.getLogger("pyasync.actions")
-
-Action = Callable[[Any, Context], Awaitable[Body]] | Callable[[Any, Context], Body]
 ActionT = TypeVar("ActionT", bound=Action)
-AppHook = Callable[[App], Awaitable[None]]
-ConnectionHook = Callable[[Context], Awaitable[None]]
-
-ACTIONS: dict[PACKAGE, Action] = {}  # the action table: request type -> action
-STARTUP_HOOKS: list[AppHook] = []
-SHUTDOWN_HOOKS: list[AppHook] = []
-CONNECT_HOOKS: list[ConnectionHook] = []
-DISCONNECT_HOOKS: list[ConnectionHook] = []
+AppHookT = TypeVar("AppHookT", bound=AppHook)
+ConnectionHookT = TypeVar("ConnectionHookT", bound=ConnectionHook)
 
 
 def action(kind: PACKAGE) -> Callable[[ActionT], ActionT]:
     """Register the decorated function as the action for request type ``kind``.
-
-    A coroutine function runs as a task of its own; a plain function runs inline.
 
     Raises:
         TypeError: ``kind`` is not a request type, or already has an action.
     """
 
     def register(function: ActionT) -> ActionT:
-        if not is_request(kind):
-            raise TypeError(f"{kind.name} is not a request type; actions serve REQUEST_*")
-        if kind in ACTIONS:
-            raise TypeError(f"{kind.name} already has action {ACTIONS[kind].__name__}")
-        ACTIONS[kind] = function
+        ROUTER.add(kind, function)
         return function
 
     return register
 
 
-def on_startup(hook: AppHook) -> AppHook:
-    """Run ``hook(app)`` before the server accepts connections (open pools here)."""
-    STARTUP_HOOKS.append(hook)
+def interceptor(step: Interceptor) -> Interceptor:
+    """Run ``step`` (an ``Interceptor`` instance) around every request, in registration order."""
+    ROUTER.add_interceptor(step)
+    return step
+
+
+def on_startup(hook: AppHookT) -> AppHookT:
+    """Run ``hook(app)`` before the server accepts connections; the database is open by then."""
+    ROUTER.hooks.startup.append(hook)
     return hook
 
 
-def on_shutdown(hook: AppHook) -> AppHook:
-    """Run ``hook(app)`` after the last connection closed (close pools here)."""
-    SHUTDOWN_HOOKS.append(hook)
+def on_shutdown(hook: AppHookT) -> AppHookT:
+    """Run ``hook(app)`` after the last connection closed, before the database closes."""
+    ROUTER.hooks.shutdown.append(hook)
     return hook
 
 
-def on_connect(hook: ConnectionHook) -> ConnectionHook:
+def on_connect(hook: ConnectionHookT) -> ConnectionHookT:
     """Run ``hook(ctx)`` when a connection opens, before its first request."""
-    CONNECT_HOOKS.append(hook)
+    ROUTER.hooks.connect.append(hook)
     return hook
 
 
-def on_disconnect(hook: ConnectionHook) -> ConnectionHook:
+def on_disconnect(hook: ConnectionHookT) -> ConnectionHookT:
     """Run ``hook(ctx)`` when a connection has closed."""
-    DISCONNECT_HOOKS.append(hook)
+    ROUTER.hooks.disconnect.append(hook)
     return hook
 
 
 def check_actions() -> None:
-    """Prove every request type has an action; the server calls this before it listens.
-
-    Raises:
-        TypeError: names each ``REQUEST_*`` without an action.
-    """
-    missing = [kind.name for kind in PACKAGE if is_request(kind) and kind not in ACTIONS]
-    if missing:
-        raise TypeError("no action for " + ", ".join(missing) + " (add one with @action)")
+    """Prove every request type has an action (``TypeError`` names those without)."""
+    ROUTER.check()
 
 
-async def unpack_and_process(frame: Frame, ctx: Context) -> tuple[PACKAGE, bytes]:
-    """Run the action for one request frame and return its answer, never raising an RPC failure.
-
-    Args:
-        frame: a decoded request frame.
-        ctx: the context of the connection it came on.
-
-    Returns:
-        ``(ANSWER_X, body)`` on success, ``(ANSWER_ERROR, body)`` for any failure.
-
-    Raises:
-        asyncio.CancelledError: the request was cancelled (timeout, disconnect, shutdown).
-    """
-    try:
-        route = route_for(frame.kind)
-        answer = route.function(route.decode(frame.body), ctx)
-        if inspect.isawaitable(answer):
-            answer = await answer
-        return route.answer, route.encode(answer)
-    except Exception as exc:
-        return _failure(exc, frame, ctx)
-
-
-def process_inline(frame: Frame, ctx: Context) -> tuple[PACKAGE, bytes] | None:
-    """Answer a request at once if its action is a plain function (or it has none).
-
-    Returns None, having run nothing, when the action is a coroutine function or turns out to
-    make a coroutine (an object with an ``async def __call__``, say): give the frame to
-    ``unpack_and_process()`` in a task.
-    """
-    try:
-        route = route_for(frame.kind)
-        if not route.inline:
-            return None
-        answer = route.function(route.decode(frame.body), ctx)
-        if type(answer) is route.answer_type:  # the common case, checked first: no call
-            return route.answer, _ENCODE(answer)
-        if inspect.iscoroutine(answer):
-            answer.close()  # not started: no effect happened
-            _ROUTES[frame.kind] = dataclasses.replace(route, inline=False)
-            return None
-        return route.answer, route.encode(answer)  # type: ignore[arg-type]  # raises TypeError
-    except Exception as exc:
-        return _failure(exc, frame, ctx)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Route:
-    """What serving one request type needs, looked up once instead of per request."""
-
-    kind: PACKAGE
-    answer: PACKAGE
-    function: Action
-    inline: bool  # a plain function: runs without a task
-    decoder: msgspec.msgpack.Decoder[Body]
-    answer_type: type[Body]
-
-    def decode(self, body: bytes) -> Body:
-        try:
-            return self.decoder.decode(body)
-        except msgspec.DecodeError as exc:
-            raise InvalidArgument(f"invalid {self.kind.name} body: {exc}") from None
-
-    def encode(self, answer: Body) -> bytes:
-        if type(answer) is not self.answer_type:
-            raise TypeError(
-                f"{self.answer.name} carries {self.answer_type.__name__}, "
-                f"not {type(answer).__name__}"
-            )
-        return _ENCODE(answer)
-
-
-_ROUTES: dict[int, Route] = {}
-_ENCODE = msgspec.msgpack.Encoder().encode
-
-
-def route_for(number: int) -> Route:
-    """The route of request type ``number``, rebuilt when ``ACTIONS`` changed.
-
-    Raises:
-        UnknownPackageType: ``number`` is no request type of this server.
-        Unimplemented: it is, but has no action.
-    """
-    route = _ROUTES.get(number)
-    function = ACTIONS.get(number)  # type: ignore[call-overload]  # PACKAGE hashes as its int
-    if route is not None and route.function is function:
-        return route
-    try:
-        kind = PACKAGE(number)
-    except ValueError:
-        raise UnknownPackageType(f"package type {number} is unknown to this server") from None
-    if not is_request(kind):
-        raise UnknownPackageType(f"{kind.name} ({number}) is not a request type")
-    if function is None:
-        raise Unimplemented(f"{kind.name} has no action on this server")
-    answer = answer_kind_for(kind)
-    route = _ROUTES[number] = Route(
-        kind, answer, function, not inspect.iscoroutinefunction(function),
-        msgspec.msgpack.Decoder(body_type(kind)), body_type(answer),
-    )  # fmt: skip
-    return route
-
-
-def _failure(exc: Exception, frame: Frame, ctx: Context) -> tuple[PACKAGE, bytes]:
-    """The error answer for an exception an action (or routing) raised."""
-    if isinstance(exc, RPCError):
-        return error_answer(exc)
-    if isinstance(exc, TimeoutError):
-        return error_answer(DeadlineExceeded("an operation inside the action timed out"))
-    log.error(
-        "c%d request %d (type %d) failed",
-        ctx.connection_id, frame.request_id, frame.kind, exc_info=exc,
-    )  # fmt: skip
-    return error_answer(
-        Internal(f"the server failed on request {frame.request_id}; its log has details")
-    )
-
-
-def error_answer(error: RPCError) -> tuple[PACKAGE, bytes]:
-    """The ``ANSWER_ERROR`` package for ``error``."""
-    return PACKAGE.ANSWER_ERROR, pack(PACKAGE.ANSWER_ERROR, error.to_answer())
+async def unpack_and_process(frame: Frame, ctx: Context) -> Answer:
+    """Run the action for one request frame and return ``(answer type, body)``; any failure
+    is answered as ``ANSWER_ERROR``. The server takes a shorter path to the same result."""
+    return await ROUTER.unpack_and_process(frame, ctx)
 
 
 # ---- built-in actions -----------------------------------------------------------------------
@@ -302,14 +162,14 @@ def change_question_mark(
 @action(PACKAGE.REQUEST_SERVER_INFO)
 async def server_info(request: ServerInfoRequest, ctx: Context) -> ServerInfoAnswer:
     """Version, uptime, load and the configuration (never its secrets)."""
-    stats = ctx.app.stats
-    manager = ctx.app.state.get("database")
+    app = ctx.app
+    manager = app.database
     return ServerInfoAnswer(
         version=__version__,
-        uptime_s=round(stats.uptime_s, 3),
-        open_connections=stats.open_connections,
-        requests_served=stats.requests_served,
-        config={**ctx.app.settings.summary(), **ctx.app.db_settings.summary()},
+        uptime_s=round(app.stats.uptime_s, 3),
+        open_connections=len(app.connections),
+        requests_served=app.stats.requests_served,
+        config={**app.settings.summary(), **app.db_settings.summary()},
         database=await manager.info() if manager is not None else None,
     )
 
@@ -339,29 +199,12 @@ KV_SCHEMA = {
 }
 
 
-@on_startup
-async def open_database(app: App) -> None:
-    """Open the pool and create the schema; an unreachable database is retried on use."""
-    settings = app.db_settings
-    if settings.db_backend == "NONE":
-        database.install(None)
-        return
-    manager = DatabaseManager(settings)
-    manager.schemas.append(
-        {backend: [sql.format(table=settings.kv_table) for sql in statements]
-         for backend, statements in KV_SCHEMA.items()}
-    )  # fmt: skip
-    database.install(manager)
-    app.state["database"] = manager
-    await manager.start()
-
-
-@on_shutdown
-async def close_database(app: App) -> None:
-    manager = app.state.pop("database", None)
-    if manager is not None:
-        await manager.close()
-        database.install(None)
+database.declare_schema(
+    lambda settings: {
+        backend: [sql.format(table=settings.kv_table) for sql in statements]
+        for backend, statements in KV_SCHEMA.items()
+    }
+)
 
 
 def _kv_table() -> str:

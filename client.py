@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
-import itertools
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 
@@ -41,7 +40,6 @@ from package import (
     KvPutAnswer,
     KvPutRequest,
     PingRequest,
-    RPCError,
     ServerInfoAnswer,
     ServerInfoRequest,
     answer_kind_for,
@@ -51,32 +49,32 @@ from package import (
     pack,
     unpack,
 )
-from protocol import (
-    DEFAULT_MAX_FRAME_SIZE,
-    MAX_REQUEST_ID,
-    MAX_TIMEOUT_MS,
-    Compression,
-    Frame,
-    FrameDecoder,
-    ProtocolError,
-    encode_frame,
+from protocol import DEFAULT_MAX_FRAME_SIZE, MAX_TIMEOUT_MS, Compression, Frame, ProtocolError
+from pyasync.client_protocol import (
+    ClientClosed,
+    ClientProtocol,
+    ConnectionBroken,
+    ConnectionClosed,
+    ServerClosed,
 )
-from utils import EXIT_CONFIG, handle_run_main, resolve_client_ssl_context
+from pyasync.loadgen import run_bench
+from utils import EXIT_CONFIG, describe_error, handle_run_main, resolve_client_ssl_context
 
-__all__ = ["Client", "ConnectionClosed", "EventHandler", "main"]
-
-EventHandler = Callable[[PACKAGE, Body], None]
+__all__ = [
+    "Client",
+    "ClientClosed",
+    "ConnectionBroken",
+    "ConnectionClosed",
+    "ServerClosed",
+    "main",
+]
 
 # The server answers DEADLINE_EXCEEDED itself when a request's timeout runs out; the client waits
 # this much longer before giving up on the answer, so that the server's reply usually wins.
 TIMEOUT_GRACE = 0.5  # seconds
 
 
-class ConnectionClosed(ConnectionError):
-    """Raised for every pending and later request once the connection is gone."""
-
-
-class Client(asyncio.Protocol):
+class Client:
     """A connection to a pyasync-server carrying many concurrent requests.
 
     Args:
@@ -89,7 +87,6 @@ class Client(asyncio.Protocol):
             None leaves it to the server's REQUEST_TIMEOUT.
         compression: when to compress request bodies; None never compresses.
         max_frame_size: largest answer body accepted, in bytes.
-        on_event: called with (type, body) for packages the server pushes unasked.
     """
 
     def __init__(
@@ -103,7 +100,6 @@ class Client(asyncio.Protocol):
         timeout: float | None = 30.0,
         compression: Compression | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-        on_event: EventHandler | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.ssl = ssl
@@ -111,16 +107,8 @@ class Client(asyncio.Protocol):
         self.connect_timeout = connect_timeout
         self.timeout = timeout
         self.compression = compression if compression is not None else Compression()
-        self.on_event = on_event
-        self._decoder = FrameDecoder(max_frame_size)
-        self._pending: dict[int, asyncio.Future[Frame]] = {}
-        self._ids = itertools.count(1)
-        self._transport: asyncio.Transport | None = None
-        self._closed_error: Exception | None = None
-        self._server_error: RPCError | None = None
-        self._received_frame = False  # a valid frame came: the peer speaks this protocol
-        self._write_ready: asyncio.Future[None] | None = None  # set while writing is paused
-        self._lost: asyncio.Future[None] | None = None
+        self.max_frame_size = max_frame_size
+        self._protocol: ClientProtocol | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> Client:
@@ -144,10 +132,6 @@ class Client(asyncio.Protocol):
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
-    @property
-    def is_connected(self) -> bool:
-        return self._transport is not None and self._closed_error is None
-
     async def connect(self) -> Client:
         """Open the connection.
 
@@ -158,11 +142,14 @@ class Client(asyncio.Protocol):
             OSError: any other network failure.
         """
         loop = asyncio.get_running_loop()
-        self._lost = loop.create_future()
+        protocol = ClientProtocol(
+            self.address, is_tls=self.ssl is not None, max_frame_size=self.max_frame_size,
+            compression=self.compression,
+        )  # fmt: skip
         try:
             async with asyncio.timeout(self.connect_timeout):
                 await loop.create_connection(
-                    lambda: self,
+                    lambda: protocol,
                     self.host,
                     self.port,
                     ssl=self.ssl,
@@ -176,14 +163,14 @@ class Client(asyncio.Protocol):
             raise ConnectionRefusedError(
                 errno.ECONNREFUSED, f"cannot connect to {self.address}: connection refused"
             ) from None
+        self._protocol = protocol
         return self
 
     async def close(self) -> None:
-        """Close the connection; pending requests fail with ``ConnectionClosed``."""
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
-        if self._lost is not None:
-            await self._lost
+        """Close the connection; pending requests fail with ``ClientClosed``."""
+        if self._protocol is not None:
+            self._protocol.close()
+            await self._protocol.lost
 
     async def __aenter__(self) -> Client:
         return await self.connect()
@@ -205,7 +192,8 @@ class Client(asyncio.Protocol):
         Raises:
             RPCError: the server answered ``ANSWER_ERROR`` (the subclass matches the code).
             DeadlineExceeded: no answer within the timeout.
-            ConnectionClosed: the connection was lost before the answer came.
+            ConnectionClosed: the connection is gone (``ClientClosed``, ``ServerClosed`` or
+                ``ConnectionBroken`` says how).
         """
         if body is None:
             body = body_type(kind)()
@@ -224,39 +212,22 @@ class Client(asyncio.Protocol):
 
     async def request_raw(self, kind: int, payload: bytes, *, timeout: float | None) -> Frame:
         """Send an already packed body of any type number and return the answer frame."""
-        if self._closed_error is not None:
-            raise self._closed_error
-        if self._transport is None:
-            raise ConnectionClosed(f"not connected to {self.address}; call connect() first")
-        if self._write_ready is not None:
-            await asyncio.shield(self._write_ready)
-        request_id = self._next_id()
+        protocol = self._protocol
+        if protocol is None:
+            raise ClientClosed(f"not connected to {self.address}; call connect() first")
+        if protocol.write_ready is not None:
+            await asyncio.shield(protocol.write_ready)
         timeout_ms = 0 if timeout is None else min(math.ceil(timeout * 1000), MAX_TIMEOUT_MS)
-        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
+        request_id, future = protocol.send(kind, payload, timeout_ms)
         try:
-            self._transport.write(
-                encode_frame(
-                    kind, request_id, payload, timeout_ms=timeout_ms, compression=self.compression
-                )
-            )
             if timeout is None:
                 return await future
             async with asyncio.timeout(timeout + TIMEOUT_GRACE):
                 return await future
         except TimeoutError:
-            raise _deadline_exceeded(timeout) from None
+            raise DeadlineExceeded(f"no answer within {timeout:g} s") from None
         finally:
-            self._pending.pop(request_id, None)
-
-    def _next_id(self) -> int:
-        while True:
-            request_id = next(self._ids)
-            if request_id > MAX_REQUEST_ID:
-                self._ids = itertools.count(1)
-                continue
-            if request_id not in self._pending:
-                return request_id
+            protocol.pending.pop(request_id, None)
 
     # ---- conveniences for the built-in actions ---------------------------------------------
 
@@ -277,84 +248,6 @@ class Client(asyncio.Protocol):
         answer = await self.request(PACKAGE.REQUEST_SERVER_INFO, ServerInfoRequest())
         assert isinstance(answer, ServerInfoAnswer)
         return answer
-
-    # ---- asyncio.Protocol callbacks -------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-
-    def data_received(self, data: bytes) -> None:
-        self._decoder.feed(data)
-        try:
-            while (frame := self._decoder.next_frame()) is not None:
-                self._dispatch(frame)
-        except ProtocolError as exc:
-            hint = ""
-            if not self._received_frame and self.ssl is None:
-                hint = "; if the server requires TLS, use --tls (and --cafile)"
-            self._closed_error = ConnectionClosed(
-                f"the server at {self.address} sent a broken stream ({exc}){hint}"
-            )
-            assert self._transport is not None
-            self._transport.abort()
-
-    def _dispatch(self, frame: Frame) -> None:
-        self._received_frame = True
-        if frame.request_id:
-            future = self._pending.pop(frame.request_id, None)
-            if future is not None and not future.done():
-                future.set_result(frame)
-            return
-        # Request id 0: the server speaks about the connection, or pushes an event.
-        if frame.kind == PACKAGE.ANSWER_ERROR:
-            error = unpack(PACKAGE.ANSWER_ERROR, frame.body)
-            assert isinstance(error, ErrorAnswer)
-            self._server_error = error_from_answer(error)
-        elif self.on_event is not None:
-            try:
-                kind = PACKAGE(frame.kind)
-                self.on_event(kind, unpack(kind, frame.body))
-            except (ValueError, RPCError):
-                pass  # an event this client does not know yet
-
-    def eof_received(self) -> bool | None:
-        return False  # let the transport close; connection_lost tells the waiters
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._closed_error is None:
-            self._closed_error = self._describe_loss(exc)
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(self._closed_error)
-        self._pending.clear()
-        if self._write_ready is not None and not self._write_ready.done():
-            self._write_ready.set_exception(self._closed_error)
-        if self._lost is not None and not self._lost.done():
-            self._lost.set_result(None)
-
-    def _describe_loss(self, exc: Exception | None) -> Exception:
-        if self._server_error is not None:
-            return self._server_error
-        if self._transport is not None and self._transport.is_closing() and exc is None:
-            if not self._received_frame and self.ssl is None:
-                return ConnectionClosed(
-                    f"the server at {self.address} closed the connection without answering; "
-                    "if it requires TLS, use --tls (and --cafile)"
-                )
-        cause = f": {exc}" if exc else ""
-        return ConnectionClosed(f"connection to {self.address} closed{cause}")
-
-    def pause_writing(self) -> None:
-        self._write_ready = asyncio.get_running_loop().create_future()
-
-    def resume_writing(self) -> None:
-        if self._write_ready is not None and not self._write_ready.done():
-            self._write_ready.set_result(None)
-        self._write_ready = None
-
-
-def _deadline_exceeded(timeout: float | None) -> RPCError:
-    return DeadlineExceeded(f"no answer within {timeout:g} s")
 
 
 # ---- command line -------------------------------------------------------------------------
@@ -425,7 +318,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 async def _run_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "bench":
-        return await _bench(args, lambda: _client(args, settings))
+        return await run_bench(args, lambda: _client(args, settings))
     async with _client(args, settings) as client:
         if args.command == "ping":
             rtt = await client.ping()
@@ -476,61 +369,6 @@ async def _kv_command(client: Client, args: argparse.Namespace) -> None:
                 break
 
 
-async def _bench(args: argparse.Namespace, new_client: Callable[[], Client]) -> int:
-    """Keep connections x in-flight ECHO requests going; print requests/s and latencies."""
-    if min(args.connections, args.in_flight) < 1 or args.duration <= 0:
-        raise InvalidArgument("bench needs --connections, --in-flight and --duration above 0")
-    clients = [new_client() for _ in range(args.connections)]
-    await asyncio.gather(*(client.connect() for client in clients))
-    request = EchoRequest(data=bytes(args.payload))
-    latencies: list[float] = []
-    completed = 0
-    loop = asyncio.get_running_loop()
-    measure_from = loop.time() + args.warmup
-    stop_at = measure_from + args.duration
-
-    async def worker(client: Client) -> None:
-        nonlocal completed
-        # loop.time() has millisecond resolution on uvloop; latencies need perf_counter.
-        while loop.time() < stop_at:
-            started = time.perf_counter()
-            await client.request(PACKAGE.REQUEST_ECHO, request)
-            if loop.time() >= measure_from:
-                latencies.append(time.perf_counter() - started)
-                completed += 1
-
-    async def progress() -> None:
-        while (now := loop.time()) < stop_at:
-            await asyncio.sleep(1)
-            if now >= measure_from:
-                rate = completed / max(loop.time() - measure_from, 1e-9)
-                print(f"\r  {loop.time() - measure_from:5.1f} s  {rate:10,.0f} req/s",
-                      end="", file=sys.stderr, flush=True)  # fmt: skip
-
-    workers = [worker(client) for client in clients for _ in range(args.in_flight)]
-    reporter = asyncio.create_task(progress())
-    try:
-        await asyncio.gather(*workers)
-    finally:
-        reporter.cancel()
-        await asyncio.gather(*(client.close() for client in clients))
-    print(file=sys.stderr)
-    latencies.sort()
-
-    def percentile(p: float) -> float:
-        return latencies[min(len(latencies) - 1, int(len(latencies) * p))] * 1000
-
-    shape = f"{args.connections} connections x {args.in_flight} in flight"
-    print(f"{shape}, {args.payload}-byte echo, {args.duration:g} s after {args.warmup:g} s warm-up")
-    if not latencies:
-        print("no request completed")
-        return 1
-    print(f"requests: {completed:,}  rate: {completed / args.duration:,.0f} req/s")
-    print(f"latency ms: p50 {percentile(0.50):.3f}  p99 {percentile(0.99):.3f}  "
-          f"max {latencies[-1] * 1000:.3f}")  # fmt: skip
-    return 0
-
-
 def _client(args: argparse.Namespace, settings: Settings) -> Client:
     ssl = resolve_client_ssl_context(
         tls=bool(args.tls or settings.enable_tls or args.cafile),
@@ -550,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             env_file=args.env_file, overrides={"host": args.host, "port": args.port}
         )
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {describe_error(exc)[0]}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     handle_run_main(lambda: _run_command(args, settings), use_uvloop=settings.use_uvloop)
 

@@ -7,13 +7,17 @@ build them by hand.
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from config import Settings
 from server_config import DatabaseSettings
 
-__all__ = ["App", "Context", "ServerStats", "TLSInfo"]
+if TYPE_CHECKING:
+    from database import DatabaseManager
+
+__all__ = ["App", "Context", "ServerStats", "TLSInfo", "current_app", "set_current_app"]
 
 
 @dataclass(slots=True)
@@ -21,7 +25,6 @@ class ServerStats:
     """Counters the server keeps current; ``SERVER_INFO`` reports them."""
 
     started_at: float = field(default_factory=time.monotonic)
-    open_connections: int = 0
     requests_served: int = 0
 
     @property
@@ -31,19 +34,44 @@ class ServerStats:
 
 @dataclass(slots=True, eq=False)
 class App:
-    """One per running server, shared by every connection.
+    """One per running server, shared by every connection; the one owner of server-wide state.
 
     Attributes:
         settings: the validated configuration the server was started with.
         db_settings: the database part of it (``server_config.py``).
         stats: live counters.
-        state: resources that start-up hooks create for actions (a database pool, a cache).
+        connections: the open connections (their count is ``len(connections)``).
+        database: the database manager, or None with ``DB_BACKEND=none``; ``connect()`` uses it.
+        state: resources that start-up hooks create for actions (a cache, a client).
     """
 
     settings: Settings
     db_settings: DatabaseSettings = field(default_factory=DatabaseSettings)
     stats: ServerStats = field(default_factory=ServerStats)
+    connections: set[Any] = field(default_factory=set)
+    database: DatabaseManager | None = None
     state: dict[str, Any] = field(default_factory=dict)
+
+
+_current_app: ContextVar[App] = ContextVar("pyasync_current_app")
+
+
+def current_app() -> App:
+    """The ``App`` of the server this code runs under (actions, hooks and their tasks).
+
+    Raises:
+        LookupError: no server was started in this context.
+    """
+    return _current_app.get()
+
+
+def set_current_app(app: App) -> None:
+    """Make ``app`` the one ``current_app()`` returns here and in every task started from here.
+
+    The server calls this as it starts: connections, their requests and hooks then inherit it,
+    so two servers in one process each see their own.
+    """
+    _current_app.set(app)
 
 
 @dataclass(frozen=True, slots=True)

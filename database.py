@@ -22,6 +22,7 @@ import warnings
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol
 
+from context import current_app
 from package import DeadlineExceeded, Internal, Unavailable
 from pyasync.deadlines import within
 from server_config import DatabaseSettings
@@ -33,7 +34,7 @@ __all__ = [
     "UniqueViolation",
     "connect",
     "current_manager",
-    "install",
+    "declare_schema",
 ]
 
 log = logging.getLogger("pyasync.database")
@@ -537,6 +538,20 @@ class Lease:
 # ---- the manager: one per server --------------------------------------------------------------
 
 Schema = dict[str, list[str]]  # backend ("sqlite", "mariadb", "postgres") -> statements
+SchemaSource = Schema | Callable[[DatabaseSettings], Schema]  # a callable sees the settings
+
+_DECLARED_SCHEMAS: list[SchemaSource] = []
+
+
+def declare_schema(schema: SchemaSource) -> SchemaSource:
+    """Create these tables whenever the server opens its database, before any request.
+
+    Declare at import time (top level of ``actions.py``), in any order: each statement runs once
+    per start-up, so write ``CREATE TABLE IF NOT EXISTS``. A callable receives the database
+    settings, for names that come from them.
+    """
+    _DECLARED_SCHEMAS.append(schema)
+    return schema
 
 
 class DatabaseManager:
@@ -545,7 +560,6 @@ class DatabaseManager:
     def __init__(self, settings: DatabaseSettings) -> None:
         self.settings = settings
         self.pool: Pool | None = None
-        self.schemas: list[Schema] = []
         self.server_version = ""
         self._lock = asyncio.Lock()
         self._last_attempt = -RETRY_CONNECT_AFTER
@@ -578,7 +592,8 @@ class DatabaseManager:
                     with warnings.catch_warnings():
                         # MariaDB warns "table already exists" for CREATE ... IF NOT EXISTS.
                         warnings.simplefilter("ignore")
-                        for schema in self.schemas:
+                        for source in _DECLARED_SCHEMAS:
+                            schema = source(self.settings) if callable(source) else source
                             for statement in schema.get(db.backend, []):
                                 await db.execute(statement)
                 for _ in range(self.settings.db_pool_min_size - pool.size):
@@ -625,27 +640,22 @@ class DatabaseManager:
             self.pool = None
 
 
-_current: DatabaseManager | None = None
-
-
-def install(manager: DatabaseManager | None) -> None:
-    """Make ``manager`` the one ``connect()`` uses (the server's start-up hook calls this)."""
-    global _current
-    _current = manager
-
-
 def current_manager() -> DatabaseManager:
-    """The installed manager.
+    """The database manager of the server this code runs under.
 
     Raises:
-        Unavailable: no database is configured (DB_BACKEND=none) or the server has none.
+        Unavailable: no database is configured (DB_BACKEND=none) or no server is running.
     """
-    if _current is None:
+    try:
+        manager = current_app().database
+    except LookupError:
+        manager = None
+    if manager is None:
         raise Unavailable(
             "no database is configured",
             hint="set DB_BACKEND=sqlite, mariadb or postgres and restart the server",
         )
-    return _current
+    return manager
 
 
 def connect(*, timeout: float | None = None) -> contextlib.AbstractAsyncContextManager[Database]:

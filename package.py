@@ -19,6 +19,7 @@ __all__ = [
     "Aborted",
     "AlreadyExists",
     "Body",
+    "BrokenStream",
     "Cancelled",
     "ChangeQuestionMarkAnswer",
     "ChangeQuestionMarkRequest",
@@ -48,7 +49,6 @@ __all__ = [
     "PermissionDenied",
     "PingAnswer",
     "PingRequest",
-    "ProtocolViolation",
     "RPCError",
     "ResourceExhausted",
     "ServerInfoAnswer",
@@ -272,8 +272,11 @@ class UnknownPackageType(RPCError):
     code = ErrorCode.UNKNOWN_PACKAGE_TYPE
 
 
-class ProtocolViolation(RPCError):
-    """Raised when the byte stream is broken and the server closes the connection."""
+class BrokenStream(RPCError):
+    """Raised when the peer found this side's byte stream broken; it closes the connection.
+
+    The local twin is ``protocol.ProtocolError``, raised by this side's own decoder.
+    """
 
     code = ErrorCode.PROTOCOL_ERROR
 

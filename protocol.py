@@ -23,6 +23,7 @@ __all__ = [
     "MAX_REQUEST_ID",
     "MAX_TIMEOUT_MS",
     "PROTOCOL_VERSION",
+    "CONNECTION_REQUEST_ID",
     "BadFrame",
     "Compression",
     "Frame",
@@ -43,7 +44,10 @@ HEADER_SIZE: Final = HEADER.size  # 18 bytes
 FLAG_COMPRESSED: Final = 0x01  # the body is one zstd frame
 KNOWN_FLAGS: Final = FLAG_COMPRESSED
 
-MAX_REQUEST_ID: Final = 0xFFFF_FFFF  # request id 0 is reserved for packages the server pushes
+MAX_REQUEST_ID: Final = 0xFFFF_FFFF
+# Frames with this request id are about the connection itself (a refusal, a broken stream) or
+# pushed by the server unasked; requests are numbered from 1.
+CONNECTION_REQUEST_ID: Final = 0
 MAX_TIMEOUT_MS: Final = 0xFFFF_FFFF
 
 # 16 MiB: large enough for any single RPC body we mean to carry, small enough that a hostile
@@ -69,8 +73,6 @@ _GATHER_MIN: Final = 64 * 1024  # bytes
 
 class ProtocolError(Exception):
     """Raised when the byte stream is broken; the connection cannot be used any more."""
-
-    exit_code = 76  # EX_PROTOCOL, for command-line programs
 
 
 class BadFrame(ProtocolError):

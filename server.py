@@ -15,370 +15,23 @@ import ssl
 import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import actions
+import actions  # noqa: F401  # registers the built-in and the user's actions and hooks
 import config
 import server_config
-from actions import (
-    AppHook,
-    ConnectionHook,
-    error_answer,
-    process_inline,
-    unpack_and_process,
-)
 from config import ConfigError, Settings
-from context import App, Context, TLSInfo
-from package import (
-    PACKAGE,
-    DeadlineExceeded,
-    ProtocolViolation,
-    ResourceExhausted,
-    RPCError,
-    Unavailable,
-)
-from protocol import Frame, FrameDecoder, ProtocolError, encode_frame, encode_frame_parts
-from pyasync.deadlines import within
+from context import App, set_current_app
+from database import DatabaseManager
+from pyasync.connection import Connection, address_of
+from pyasync.router import ROUTER, AppHook, Router
 from pyasync.tls import build_server_ssl_context, make_self_signed_cert, openssl_command
 from server_config import DatabaseSettings
-from utils import EXIT_CONFIG, handle_run_main, reuse_large_buffers, setup_logging
+from utils import EXIT_CONFIG, describe_error, handle_run_main, reuse_large_buffers, setup_logging
 
-__all__ = ["Connection", "Server", "main", "serve"]
+__all__ = ["Server", "main", "serve"]
 
 log = logging.getLogger("pyasync.server")
-
-SHUTDOWN_REQUEST_ID = 0  # error frames about the connection itself, not one request
-LARGE_WRITE = 64 * 1024  # bytes; answers larger than this are written without joining them
-
-
-class Connection(asyncio.Protocol):
-    """One client connection: decodes frames, runs each request as a task, writes answers.
-
-    Backpressure: the transport stops reading while ``max_in_flight`` requests run or while the
-    transport's write buffer is above its high-water mark, so neither side can grow memory
-    without bound. Every task it starts is cancelled when the connection ends.
-    """
-
-    __slots__ = (
-        "closed", "ctx", "decoder", "id", "is_closing", "is_draining", "is_read_paused",
-        "is_ready", "is_write_paused", "last_activity", "loop", "partial_frame_since",
-        "requests_answered", "server", "settings", "tasks", "transport", "watchdog",
-    )  # fmt: skip  # thousands of idle connections: no per-instance dict
-
-    def __init__(self, server: Server, connection_id: int) -> None:
-        self.server = server
-        self.settings = server.settings
-        self.id = connection_id
-        self.decoder = FrameDecoder(self.settings.max_frame_size)
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.ctx = Context(app=server.app, connection_id=connection_id)
-        self.transport: asyncio.Transport | None = None
-        self.loop = asyncio.get_running_loop()
-        self.is_closing = False
-        self.is_draining = False  # shutting down: no new requests, finish the running ones
-        self.is_write_paused = False
-        self.is_read_paused = False
-        self.is_ready = False  # connect hooks have run
-        self.last_activity = self.loop.time()
-        self.partial_frame_since: float | None = None
-        self.watchdog: asyncio.TimerHandle | None = None
-        self.requests_answered = 0
-        self.closed = self.loop.create_future()
-
-    # ---- asyncio.Protocol callbacks -------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop: not a subclass
-        peer = transport.get_extra_info("peername")
-        self.ctx.peer = peer
-        self.ctx.tls = _tls_info(transport.get_extra_info("ssl_object"))
-        server = self.server
-        if len(server.connections) >= self.settings.max_connections or server.is_shutting_down:
-            reason = (
-                "server is shutting down"
-                if server.is_shutting_down
-                else (f"MAX_CONNECTIONS={self.settings.max_connections} reached")
-            )
-            log.warning("c%d refused from %s: %s", self.id, _address(peer), reason)
-            self._send_error(
-                SHUTDOWN_REQUEST_ID, ResourceExhausted(f"connection refused: {reason}")
-            )
-            self.is_closing = True
-            transport.close()
-            return
-        server.connections.add(self)
-        server.app.stats.open_connections += 1
-        tls = f" over {self.ctx.tls.version}" if self.ctx.tls else ""
-        log.info("c%d connected from %s%s", self.id, _address(peer), tls)
-        if actions.CONNECT_HOOKS:
-            self._set_reading()  # paused until the hooks ran
-            self.server.track(self._run_connect_hooks())
-        else:
-            self.is_ready = True
-        self._arm_watchdog()
-
-    def data_received(self, data: bytes) -> None:
-        self.last_activity = self.loop.time()
-        self.decoder.feed(data)
-        self._take_frames()
-
-    def eof_received(self) -> bool | None:
-        # A peer that stops sending is gone: TCP cannot tell a half-close from a close, and
-        # running on for a vanished client wastes work, so its requests are cancelled.
-        log.debug("c%d end of stream from the client", self.id)
-        self.close()
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.is_closing = True
-        if self.watchdog is not None:
-            self.watchdog.cancel()
-        for task in self.tasks:
-            task.cancel()
-        if self not in self.server.connections:
-            self.closed.set_result(None)
-            return
-        self.server.connections.discard(self)
-        self.server.app.stats.open_connections -= 1
-        cause = f": {exc}" if exc else ""
-        log.info(
-            "c%d closed after %d requests%s, %d cancelled",
-            self.id, self.requests_answered, cause, len(self.tasks),
-        )  # fmt: skip
-        if actions.DISCONNECT_HOOKS:
-            self.server.track(self._run_hooks(actions.DISCONNECT_HOOKS, "disconnect"))
-        self.closed.set_result(None)
-
-    def pause_writing(self) -> None:
-        self.is_write_paused = True
-        self._set_reading()
-
-    def resume_writing(self) -> None:
-        self.is_write_paused = False
-        self._set_reading()
-        self._take_frames()
-
-    # ---- requests ---------------------------------------------------------------------------
-
-    def _take_frames(self) -> None:
-        """Answer or start every complete frame while under the in-flight limit.
-
-        Requests whose action never waits are answered inline, and those answers leave in one
-        write at the end: a pipelined burst costs one system call, not one per request.
-        """
-        if not self.is_ready or self.is_closing:
-            return
-        decoder, tasks, ctx = self.decoder, self.tasks, self.ctx
-        limit = self.settings.max_in_flight
-        refuse = self.is_draining and self.server.is_shutting_down
-        answers: list[bytes] = []  # encoded frames, or header and body apart for large ones
-        answered = 0
-        large = False
-        took_any = False
-        room = limit - len(tasks)
-        try:
-            while room > 0:
-                frame = decoder.next_frame()
-                if frame is None:
-                    break
-                took_any = True
-                if refuse:
-                    kind, body = error_answer(
-                        Unavailable("server is shutting down; retry elsewhere")
-                    )
-                elif (answer := process_inline(frame, ctx)) is not None:
-                    kind, body = answer
-                else:
-                    task = self.loop.create_task(self._serve(frame))
-                    tasks.add(task)
-                    task.add_done_callback(self._request_done)
-                    room -= 1
-                    continue
-                answered += 1
-                large |= self._add_answer(answers, kind, frame.request_id, body)
-        except ProtocolError as exc:
-            self._write(answers, large)
-            self._fail_stream(exc)
-            return
-        if answers:
-            self._answered(answered)
-            self._write(answers, large)
-        if not decoder.buffered:
-            self.partial_frame_since = None
-        elif took_any or self.partial_frame_since is None:
-            self.partial_frame_since = self.loop.time()
-            self._arm_watchdog()
-        if self.is_read_paused or room <= 0:
-            self._set_reading()
-
-    def _add_answer(self, answers: list[bytes], kind: int, request_id: int, body: bytes) -> bool:
-        """Append one answer's frame to ``answers``: whole when small, header and body apart
-        when large; True for large."""
-        compression = self.server.compression
-        if len(body) < LARGE_WRITE:
-            answers.append(encode_frame(kind, request_id, body, compression=compression))
-            return False
-        answers += encode_frame_parts(kind, request_id, body, compression=compression)
-        return True
-
-    def _write(self, pieces: Sequence[bytes], large: bool) -> None:
-        """Write small frames joined (one TLS record, one segment) and large bodies as they
-        are, beside their headers (no copy)."""
-        transport = self.transport
-        if not pieces or transport is None or transport.is_closing():
-            return
-        if large:
-            transport.writelines(pieces)
-        else:
-            transport.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
-
-    async def _serve(self, frame: Frame) -> None:
-        settings = self.settings
-        timeout = frame.timeout_ms / 1000 if frame.timeout_ms else settings.request_timeout
-        timeout = min(timeout, settings.max_request_timeout)
-        try:
-            async with within(timeout):
-                kind, body = await unpack_and_process(frame, self.ctx)
-        except TimeoutError:
-            kind, body = error_answer(
-                DeadlineExceeded(f"request did not finish within its {timeout:g} s timeout")
-            )
-        except asyncio.CancelledError:
-            if self.server.is_shutting_down and not self.is_closing:
-                self._send_error(
-                    frame.request_id, Unavailable("server shut down before the request finished")
-                )
-            raise
-        self._send(kind, frame.request_id, body)
-        self._answered(1)
-
-    def _answered(self, count: int) -> None:
-        self.requests_answered += count
-        self.server.app.stats.requests_served += count
-
-    def _request_done(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("c%d request task failed", self.id, exc_info=task.exception())
-        if self.is_closing:
-            return
-        self._take_frames()
-        self._close_if_done()
-
-    def _send(self, kind: PACKAGE, request_id: int, body: bytes) -> None:
-        answers: list[bytes] = []
-        self._write(answers, self._add_answer(answers, kind, request_id, body))
-
-    def _send_error(self, request_id: int, error: RPCError) -> None:
-        kind, body = error_answer(error)
-        self._send(kind, request_id, body)
-
-    # ---- connection state ---------------------------------------------------------------
-
-    def _set_reading(self) -> None:
-        """Read only while ready, not draining, under the in-flight limit and able to write."""
-        transport = self.transport
-        if transport is None or self.is_closing:
-            return
-        should_read = (
-            self.is_ready
-            and not self.is_draining
-            and not self.is_write_paused
-            and len(self.tasks) < self.settings.max_in_flight
-        )
-        if should_read and self.is_read_paused:
-            self.is_read_paused = False
-            transport.resume_reading()
-        elif not should_read and not self.is_read_paused:
-            self.is_read_paused = True
-            transport.pause_reading()
-
-    def _fail_stream(self, exc: ProtocolError) -> None:
-        log.warning(
-            "c%d protocol error from %s: %s; closing", self.id, _address(self.ctx.peer), exc
-        )
-        self._send_error(SHUTDOWN_REQUEST_ID, ProtocolViolation(str(exc)))
-        self.close()
-
-    def drain(self) -> None:
-        """Stop taking requests (server shutdown); close once the running ones answered."""
-        self.is_draining = True
-        self._set_reading()
-        self._take_frames()  # answer requests already received with UNAVAILABLE
-        self._close_if_done()
-
-    def _close_if_done(self) -> None:
-        if self.is_draining and not self.tasks and not self.is_closing:
-            self.close()
-
-    def close(self) -> None:
-        """Close after writing what is buffered; running requests are cancelled."""
-        if self.is_closing or self.transport is None:
-            return
-        self.is_closing = True
-        for task in self.tasks:
-            task.cancel()
-        self.transport.close()
-
-    def _arm_watchdog(self) -> None:
-        deadline = self._next_deadline()
-        if deadline is None:
-            return
-        if self.watchdog is None or self.watchdog.when() > deadline:
-            if self.watchdog is not None:
-                self.watchdog.cancel()
-            self.watchdog = self.loop.call_at(deadline, self._on_watchdog)
-
-    def _next_deadline(self) -> float | None:
-        deadlines = []
-        if self.settings.idle_timeout:
-            deadlines.append(self.last_activity + self.settings.idle_timeout)
-        if self.partial_frame_since is not None:
-            deadlines.append(self.partial_frame_since + self.settings.frame_timeout)
-        return min(deadlines, default=None)
-
-    def _on_watchdog(self) -> None:
-        """Close a connection idle too long or stuck in a frame; otherwise look again later."""
-        self.watchdog = None
-        if self.is_closing:
-            return
-        now = self.loop.time()
-        settings = self.settings
-        if (
-            self.partial_frame_since is not None
-            and not self.is_read_paused
-            and now - self.partial_frame_since >= settings.frame_timeout
-        ):
-            log.info("c%d sent no rest of a frame within %g s; closing", self.id,
-                     settings.frame_timeout)  # fmt: skip
-            self.close()
-            return
-        if self.tasks:
-            self.last_activity = now  # a running request is activity
-        elif settings.idle_timeout and now - self.last_activity >= settings.idle_timeout:
-            log.info("c%d idle for %g s; closing", self.id, settings.idle_timeout)
-            self.close()
-            return
-        if self.partial_frame_since is not None and self.is_read_paused:
-            self.partial_frame_since = now  # we stopped reading: the client is not to blame
-        self._arm_watchdog()
-
-    async def _run_connect_hooks(self) -> None:
-        if await self._run_hooks(actions.CONNECT_HOOKS, "connect"):
-            self.is_ready = True
-            self._set_reading()
-            self._take_frames()
-        else:
-            self.close()
-
-    async def _run_hooks(self, hooks: Sequence[ConnectionHook], what: str) -> bool:
-        try:
-            for hook in hooks:
-                await hook(self.ctx)
-        except Exception:
-            log.exception("c%d %s hook failed", self.id, what)
-            return False
-        return True
 
 
 class Server:
@@ -388,8 +41,9 @@ class Server:
         settings: validated settings; ``config.load()`` when None.
         db_settings: database settings; ``server_config.load()`` when None.
         ssl_context: the TLS context; built from the settings when None and TLS is enabled.
+        router: the actions, hooks and interceptors to serve; those of ``actions.py`` by default.
         startup_hooks / shutdown_hooks: run with the ``App`` around the listening period,
-            after the hooks ``actions.py`` registered.
+            after the router's hooks.
     """
 
     def __init__(
@@ -398,6 +52,7 @@ class Server:
         *,
         db_settings: DatabaseSettings | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        router: Router = ROUTER,
         startup_hooks: Sequence[AppHook] = (),
         shutdown_hooks: Sequence[AppHook] = (),
     ) -> None:
@@ -408,17 +63,23 @@ class Server:
         self.app = App(
             self.settings, db_settings if db_settings is not None else server_config.load()
         )
+        self.router = router
         self.compression = self.settings.compression
-        self.connections: set[Connection] = set()
         self.is_shutting_down = False
         self.should_exit = asyncio.Event()
         self.force_exit = False
         self._hook_tasks: set[asyncio.Task[Any]] = set()
-        self._startup_hooks = [*actions.STARTUP_HOOKS, *startup_hooks]
-        self._shutdown_hooks = [*actions.SHUTDOWN_HOOKS, *shutdown_hooks]
+        self._extra_startup_hooks = tuple(startup_hooks)
+        self._extra_shutdown_hooks = tuple(shutdown_hooks)
         self._listener: asyncio.Server | None = None
         self._address: tuple[str, int] | None = None
         self._connection_ids = itertools.count(1)
+        self._previous_exception_handler: Any = None
+
+    @property
+    def connections(self) -> set[Connection]:
+        """The open connections (owned by the ``App``)."""
+        return self.app.connections
 
     @property
     def address(self) -> tuple[str, int]:
@@ -430,15 +91,27 @@ class Server:
     def port(self) -> int:
         return self.address[1]
 
+    def refusal(self) -> str:
+        """Why a new connection is refused right now, or "" to accept it."""
+        if self.is_shutting_down:
+            return "server is shutting down"
+        if len(self.app.connections) >= self.settings.max_connections:
+            return f"MAX_CONNECTIONS={self.settings.max_connections} reached"
+        return ""
+
     async def start(self) -> None:
-        """Check the action table, run start-up hooks, then listen.
+        """Check the action table, open the database, run start-up hooks, then listen.
 
         Raises:
             TypeError: a request type has no action.
             OSError: the address cannot be bound.
         """
-        actions.check_actions()
-        for hook in self._startup_hooks:
+        self.router.check()
+        set_current_app(self.app)  # connections, their tasks and the hooks inherit it
+        if self.app.db_settings.db_backend != "NONE":
+            self.app.database = DatabaseManager(self.app.db_settings)
+            await self.app.database.start()
+        for hook in (*self.router.hooks.startup, *self._extra_startup_hooks):
             await hook(self.app)
         loop = asyncio.get_running_loop()
         self._install_handshake_logging(loop)
@@ -488,17 +161,36 @@ class Server:
             self._listener.close()
         for connection in list(self.connections):
             connection.drain()
-        running = [task for connection in self.connections for task in connection.tasks]
-        if running and not self.force_exit:
-            log.info("waiting up to %g s for %d running requests", self.settings.shutdown_timeout,
-                     len(running))  # fmt: skip
-            _, pending = await asyncio.wait(running, timeout=self.settings.shutdown_timeout)
-            if pending:
-                log.warning("cancelling %d requests still running after %g s",
-                            len(pending), self.settings.shutdown_timeout)  # fmt: skip
-                for task in pending:
-                    task.cancel()  # each answers UNAVAILABLE while its connection is open
-                await asyncio.wait(pending, timeout=1)
+        await self._finish_running_requests()
+        await self._close_connections()
+        if self._listener is not None:
+            await self._listener.wait_closed()
+        if self._hook_tasks:
+            await asyncio.wait(self._hook_tasks, timeout=self.settings.shutdown_timeout)
+        for hook in (*self.router.hooks.shutdown, *self._extra_shutdown_hooks):
+            try:
+                await hook(self.app)
+            except Exception:
+                log.exception("shutdown hook %s failed", getattr(hook, "__name__", hook))
+        if self.app.database is not None:
+            await self.app.database.close()
+        self._restore_exception_handler()
+        log.info("stopped after serving %d requests", self.app.stats.requests_served)
+
+    async def _finish_running_requests(self) -> None:
+        running = [task for c in self.connections for task in c.tasks.values()]
+        if not running or self.force_exit:
+            return
+        timeout = self.settings.shutdown_timeout
+        log.info("waiting up to %g s for %d running requests", timeout, len(running))
+        _, pending = await asyncio.wait(running, timeout=timeout)
+        if pending:
+            log.warning("cancelling %d requests still running after %g s", len(pending), timeout)
+            for task in pending:
+                task.cancel()  # each answers UNAVAILABLE while its connection is open
+            await asyncio.wait(pending, timeout=1)
+
+    async def _close_connections(self) -> None:
         for connection in list(self.connections):
             connection.close()
         closing = [connection.closed for connection in self.connections]
@@ -507,26 +199,15 @@ class Server:
             for connection in list(self.connections):
                 if connection.transport is not None and not connection.closed.done():
                     connection.transport.abort()
-        if self._listener is not None:
-            await self._listener.wait_closed()
-        if self._hook_tasks:
-            await asyncio.wait(self._hook_tasks, timeout=self.settings.shutdown_timeout)
-        for hook in self._shutdown_hooks:
-            try:
-                await hook(self.app)
-            except Exception:
-                log.exception("shutdown hook %s failed", getattr(hook, "__name__", hook))
-        log.info("stopped after serving %d requests", self.app.stats.requests_served)
 
     def _install_handshake_logging(self, loop: asyncio.AbstractEventLoop) -> None:
         """Log a failed TLS handshake as one line instead of the loop's error with traceback.
 
         asyncio reports a handshake that fails or times out to the loop's exception handler;
-        for a server that is a routine event (scanners, plain-TCP clients), not an error.
+        for a server that is a routine event (scanners, plain-TCP clients), not an error. Other
+        events go on to the handler that was there before, which ``shutdown()`` puts back.
         """
-        # Left in place after shutdown: a handshake still in progress may fail later. Other
-        # events go on to the handler that was there before.
-        previous = loop.get_exception_handler()
+        previous = self._previous_exception_handler = loop.get_exception_handler()
 
         def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
             exc = context.get("exception")
@@ -535,7 +216,7 @@ class Server:
             ):
                 transport = context.get("transport")
                 peer = transport.get_extra_info("peername") if transport is not None else None
-                log.info("TLS handshake from %s failed: %s", _address(peer), exc)
+                log.info("TLS handshake from %s failed: %s", address_of(peer), exc)
                 return
             if previous is not None:
                 previous(loop, context)
@@ -543,6 +224,26 @@ class Server:
                 loop.default_exception_handler(context)
 
         loop.set_exception_handler(handler)
+
+    def _restore_exception_handler(self) -> None:
+        """Put back the loop's exception handler that ``start()`` replaced.
+
+        A TLS handshake accepted before the listener closed may still fail up to
+        TLS_HANDSHAKE_TIMEOUT later, so with TLS the handler is put back only then.
+        """
+        if self._listener is None:
+            return
+        loop = asyncio.get_running_loop()
+        ours = loop.get_exception_handler()
+
+        def restore() -> None:
+            if loop.get_exception_handler() is ours:  # nobody replaced it since
+                loop.set_exception_handler(self._previous_exception_handler)
+
+        if self.ssl_context is None:
+            restore()
+        else:
+            loop.call_later(self.settings.tls_handshake_timeout, restore)
 
     def track(self, coroutine: Any) -> None:
         """Run a hook coroutine as a task the server waits for at shutdown."""
@@ -565,24 +266,6 @@ async def serve(settings: Settings | None = None, **kwargs: Any) -> AsyncIterato
         yield server
     finally:
         await server.shutdown()
-
-
-def _tls_info(ssl_object: ssl.SSLObject | None) -> TLSInfo | None:
-    if ssl_object is None:
-        return None
-    cipher = ssl_object.cipher()
-    return TLSInfo(
-        version=ssl_object.version(),
-        cipher=cipher[0] if cipher else None,
-        peer_certificate=ssl_object.getpeercert() or None,
-    )
-
-
-def _address(peer: Any) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host, port = peer[:2]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(peer)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -619,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         setup_logging(settings.log_level)
         server = Server(settings, db_settings=db_settings)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {describe_error(exc)[0]}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     if settings.reuse_large_buffers:
         reuse_large_buffers(settings.max_frame_size)

@@ -11,6 +11,9 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn
 
+from config import ConfigError
+from protocol import ProtocolError
+
 __all__ = [
     "EXIT_CONFIG",
     "EXIT_ERROR",
@@ -56,8 +59,7 @@ def new_event_loop_factory(use_uvloop: bool = True) -> Callable[[], asyncio.Abst
 def describe_error(exc: BaseException) -> tuple[str, int]:
     """One line for a person (what failed, what to do) and the exit code, for ``exc``.
 
-    Exceptions of this project carry an ``exit_code`` attribute; network and TLS errors from the
-    standard library are recognised by type.
+    Every exit code of the project's programs is decided here, by the exception's type.
     """
     if isinstance(exc, KeyboardInterrupt | asyncio.CancelledError):
         return "interrupted", EXIT_INTERRUPTED
@@ -79,7 +81,11 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
         return f"timed out: {exc}" if str(exc) else "timed out", EXIT_TEMPFAIL
     if isinstance(exc, OSError):
         return _os_message(exc), EXIT_UNAVAILABLE
-    return str(exc) or type(exc).__name__, getattr(exc, "exit_code", EXIT_ERROR)
+    if isinstance(exc, ConfigError):
+        return str(exc), EXIT_CONFIG
+    if isinstance(exc, ProtocolError):
+        return str(exc), EXIT_PROTOCOL
+    return str(exc) or type(exc).__name__, EXIT_ERROR
 
 
 def _os_message(exc: OSError) -> str:

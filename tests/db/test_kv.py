@@ -6,7 +6,6 @@ import asyncio
 
 import pytest
 
-import actions
 from client import Client
 from context import Context
 from database import connect
@@ -27,6 +26,7 @@ from package import (
     NotFound,
     Unavailable,
 )
+from pyasync.router import ROUTER, make_route
 from server_config import DatabaseSettings
 from tests.db.conftest import drop_table, proxied, require_reachable, running, settings_for
 
@@ -180,7 +180,9 @@ def slow_query_action(monkeypatch: pytest.MonkeyPatch) -> None:
                 await db.fetchval(SLEEP_QUERY[backend], float(request.key))
         return KvGetAnswer(value=b"", version=0)
 
-    monkeypatch.setitem(actions.ACTIONS, PACKAGE.REQUEST_KV_GET, slow)
+    monkeypatch.setitem(
+        ROUTER.routes, PACKAGE.REQUEST_KV_GET, make_route(PACKAGE.REQUEST_KV_GET, slow)
+    )
 
 
 @pytest.mark.parametrize("backend", REMOTE)

@@ -8,7 +8,6 @@ import os
 
 import pytest
 
-import actions
 import config
 from client import Client, ConnectionClosed
 from context import Context
@@ -31,6 +30,7 @@ from package import (
     unpack,
 )
 from protocol import FLAG_COMPRESSED, HEADER, MAGIC, encode_frame
+from pyasync.router import ROUTER, make_route
 from server import Server
 from tests.integration.conftest import NO_DATABASE, RawConnection, ServerFactory
 
@@ -62,7 +62,9 @@ class SlowEcho:
 @pytest.fixture
 def slow_echo(monkeypatch: pytest.MonkeyPatch) -> SlowEcho:
     action = SlowEcho(0.3)
-    monkeypatch.setitem(actions.ACTIONS, PACKAGE.REQUEST_ECHO, action)
+    monkeypatch.setitem(
+        ROUTER.routes, PACKAGE.REQUEST_ECHO, make_route(PACKAGE.REQUEST_ECHO, action)
+    )
     return action
 
 
@@ -168,7 +170,9 @@ async def test_unexpected_exception_is_internal_and_logged(
     async def broken(request: EchoRequest, ctx: Context) -> EchoAnswer:
         raise RuntimeError("secret detail")
 
-    monkeypatch.setitem(actions.ACTIONS, PACKAGE.REQUEST_ECHO, broken)
+    monkeypatch.setitem(
+        ROUTER.routes, PACKAGE.REQUEST_ECHO, make_route(PACKAGE.REQUEST_ECHO, broken)
+    )
     with caplog.at_level(logging.ERROR), pytest.raises(Internal) as raised:
         await client.echo("x")
     assert "secret detail" not in str(raised.value)
@@ -341,8 +345,8 @@ async def test_hooks_run_once_each(running_server: ServerFactory) -> None:
         events.append("shutdown")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(actions, "CONNECT_HOOKS", [on_connect])
-        patch.setattr(actions, "DISCONNECT_HOOKS", [on_disconnect])
+        patch.setattr(ROUTER.hooks, "connect", [on_connect])
+        patch.setattr(ROUTER.hooks, "disconnect", [on_disconnect])
         server = Server(
             config.Settings(port=0),
             db_settings=NO_DATABASE,

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import trustme
 
-import actions
 import config
 from client import Client, ConnectionClosed
 from context import Context
 from package import PACKAGE, EchoAnswer, EchoRequest
+from pyasync.router import ROUTER, make_route
 from pyasync.tls import build_server_ssl_context
 from tests.integration.conftest import RawConnection, ServerFactory
 from utils import resolve_client_ssl_context
@@ -45,7 +45,9 @@ async def test_requests_over_tls_see_the_session(
         assert ctx.tls is not None
         return EchoAnswer(text=ctx.tls.version)
 
-    monkeypatch.setitem(actions.ACTIONS, PACKAGE.REQUEST_ECHO, tls_version)
+    monkeypatch.setitem(
+        ROUTER.routes, PACKAGE.REQUEST_ECHO, make_route(PACKAGE.REQUEST_ECHO, tls_version)
+    )
     ca_file = tls_files.pop("ca")
     async with running_server(enable_tls=True, **tls_files) as server:
         context = resolve_client_ssl_context(cafile=ca_file)

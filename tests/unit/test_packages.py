@@ -30,6 +30,7 @@ from package import (
     is_request,
 )
 from protocol import Frame
+from pyasync.router import ROUTER, Interceptor, Router, make_route
 
 REQUESTS = [kind for kind in PACKAGE if is_request(kind)]
 
@@ -54,7 +55,7 @@ def test_a_second_body_for_one_type_is_refused() -> None:
 
 def test_every_request_has_an_action() -> None:
     actions.check_actions()
-    assert set(REQUESTS) <= set(actions.ACTIONS)
+    assert set(REQUESTS) <= set(ROUTER.routes)
 
 
 def test_actions_only_serve_new_request_types() -> None:
@@ -169,14 +170,18 @@ async def test_routing_errors(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> 
     async def times_out(request: EchoRequest, ctx: Context) -> EchoAnswer:
         raise TimeoutError
 
-    monkeypatch.setitem(actions.ACTIONS, PACKAGE.REQUEST_ECHO, times_out)
+    monkeypatch.setitem(
+        ROUTER.routes, PACKAGE.REQUEST_ECHO, make_route(PACKAGE.REQUEST_ECHO, times_out)
+    )
     timeout = await error_of(request_frame(PACKAGE.REQUEST_ECHO, EchoRequest(text="x")), ctx)
     assert timeout.code == ErrorCode.DEADLINE_EXCEEDED
 
     async def wrong_answer(request: EchoRequest, ctx: Context) -> Body:
         return ErrorAnswer(code=1, message="not an echo")
 
-    monkeypatch.setitem(actions.ACTIONS, PACKAGE.REQUEST_ECHO, wrong_answer)
+    monkeypatch.setitem(
+        ROUTER.routes, PACKAGE.REQUEST_ECHO, make_route(PACKAGE.REQUEST_ECHO, wrong_answer)
+    )
     internal = await error_of(request_frame(PACKAGE.REQUEST_ECHO, EchoRequest(text="x")), ctx)
     assert internal.code == ErrorCode.INTERNAL and "log has details" in internal.message
 
@@ -185,13 +190,12 @@ def test_plain_actions_run_inline_and_coroutines_never_do(
     ctx: Context, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     echo = request_frame(PACKAGE.REQUEST_ECHO, EchoRequest(text="now"))
-    assert actions.route_for(PACKAGE.REQUEST_ECHO).inline
-    assert not actions.route_for(PACKAGE.REQUEST_KV_GET).inline
-    assert actions.process_inline(request_frame(PACKAGE.REQUEST_KV_GET, b"\x80"), ctx) is None
-    answered = actions.process_inline(echo, ctx)
-    assert answered is not None and package.unpack(*answered) == EchoAnswer(text="now")
-    unknown = actions.process_inline(Frame(999, 1, b"\x80"), ctx)
-    assert unknown is not None and unknown[0] == PACKAGE.ANSWER_ERROR
+    assert ROUTER.route(PACKAGE.REQUEST_ECHO).inline
+    assert not ROUTER.route(PACKAGE.REQUEST_KV_GET).inline
+    answered = ROUTER.answer_inline(ROUTER.route(PACKAGE.REQUEST_ECHO), echo, ctx)
+    assert package.unpack(*answered) == EchoAnswer(text="now")
+    with pytest.raises(package.UnknownPackageType):
+        ROUTER.route(999)
 
     calls: list[str] = []
 
@@ -200,6 +204,39 @@ def test_plain_actions_run_inline_and_coroutines_never_do(
             calls.append("ran")
             return EchoAnswer(text="later")
 
-    monkeypatch.setitem(actions.ACTIONS, PACKAGE.REQUEST_ECHO, AsyncCallable())
-    assert actions.process_inline(echo, ctx) is None  # hand it to a task instead
-    assert calls == [] and not actions.route_for(PACKAGE.REQUEST_ECHO).inline
+    assert not make_route(PACKAGE.REQUEST_ECHO, AsyncCallable()).inline  # runs in a task
+
+
+async def test_interceptors_see_every_request_in_order_and_may_refuse(ctx: Context) -> None:
+    router = Router()
+    router.add(PACKAGE.REQUEST_ECHO, lambda request, ctx: EchoAnswer(text=request.text))
+    events: list[str] = []
+
+    class Step(Interceptor):
+        def __init__(self, name: str, refuse: bool = False) -> None:
+            self.name, self.refuse = name, refuse
+
+        def before(self, kind: PACKAGE, request: Body, ctx: Context) -> None:
+            events.append(f"{self.name} before {kind.name}")
+            if self.refuse:
+                raise package.PermissionDenied("not you")
+
+        def after(self, kind: PACKAGE, answer: PACKAGE, ctx: Context, elapsed_s: float) -> None:
+            assert elapsed_s >= 0
+            events.append(f"{self.name} after {answer.name}")
+
+    router.add_interceptor(Step("a"))
+    router.add_interceptor(Step("b"))
+    echo = request_frame(PACKAGE.REQUEST_ECHO, EchoRequest(text="x"))
+    kind, _ = await router.unpack_and_process(echo, ctx)
+    assert kind == PACKAGE.ANSWER_ECHO
+    assert events == [
+        "a before REQUEST_ECHO", "b before REQUEST_ECHO", "b after ANSWER_ECHO",
+        "a after ANSWER_ECHO",
+    ]  # fmt: skip
+    events.clear()
+    router.interceptors.insert(1, Step("stop", refuse=True))
+    kind, body = router.answer_inline(router.route(PACKAGE.REQUEST_ECHO), echo, ctx)
+    error = package.unpack(PACKAGE.ANSWER_ERROR, body)
+    assert isinstance(error, ErrorAnswer) and error.code == ErrorCode.PERMISSION_DENIED
+    assert events == ["a before REQUEST_ECHO", "stop before REQUEST_ECHO", "a after ANSWER_ERROR"]

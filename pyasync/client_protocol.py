@@ -1,0 +1,179 @@
+"""The client's side of one connection: frames out, answers matched to their requests.
+
+``ClientProtocol`` is the asyncio protocol under ``client.Client`` (as asyncpg keeps its
+protocol apart from its connection): it owns the decoder, the table of requests waiting for an
+answer and the write pause, and says why a connection ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+from package import PACKAGE, ErrorAnswer, RPCError, error_from_answer, unpack
+from protocol import (
+    CONNECTION_REQUEST_ID,
+    MAX_REQUEST_ID,
+    Compression,
+    Frame,
+    FrameDecoder,
+    ProtocolError,
+    encode_frame,
+)
+
+__all__ = [
+    "ClientClosed",
+    "ClientProtocol",
+    "ConnectionBroken",
+    "ConnectionClosed",
+    "ServerClosed",
+]
+
+TLS_HINT = "if the server requires TLS, use --tls (and --cafile)"
+
+
+class ConnectionClosed(ConnectionError):
+    """Raised for a request on a connection that is gone; the subclass says why."""
+
+
+class ClientClosed(ConnectionClosed):
+    """Raised when this side closed the connection (or never opened it)."""
+
+
+class ServerClosed(ConnectionClosed):
+    """Raised when the server ended the connection in an orderly way (shutdown, idle timeout)."""
+
+
+class ConnectionBroken(ConnectionClosed):
+    """Raised when the connection broke: reset, cut, or a stream this side cannot decode."""
+
+
+class ClientProtocol(asyncio.Protocol):
+    """Sends request frames and resolves each waiting future with its answer frame.
+
+    Args:
+        address: ``host:port`` of the server, for messages.
+        is_tls: the connection uses TLS (a broken first answer then has another cause).
+        max_frame_size: largest answer body accepted, in bytes.
+        compression: when to compress request bodies; None never compresses.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        is_tls: bool,
+        max_frame_size: int,
+        compression: Compression | None,
+    ) -> None:
+        self.address = address
+        self.is_tls = is_tls
+        self.compression = compression
+        self.decoder = FrameDecoder(max_frame_size)
+        self.pending: dict[int, asyncio.Future[Frame]] = {}
+        self.ids = itertools.count(1)
+        self.transport: asyncio.Transport | None = None
+        self.closed_error: ConnectionClosed | RPCError | None = None  # set once it is gone
+        self.server_error: RPCError | None = None  # what the server said about the connection
+        self.received_frame = False  # a valid frame came: the peer speaks this protocol
+        self.write_ready: asyncio.Future[None] | None = None  # set while writing is paused
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def send(self, kind: int, payload: bytes, timeout_ms: int) -> tuple[int, asyncio.Future[Frame]]:
+        """Write one request; return its id and the future its answer frame will resolve.
+
+        The caller removes the id from ``pending`` once it stops waiting.
+        """
+        if self.closed_error is not None:
+            raise self.closed_error
+        assert self.transport is not None
+        request_id = self._next_id()
+        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self.pending[request_id] = future
+        self.transport.write(
+            encode_frame(
+                kind, request_id, payload, timeout_ms=timeout_ms, compression=self.compression
+            )
+        )
+        return request_id, future
+
+    def close(self) -> None:
+        if self.closed_error is None:
+            self.closed_error = ClientClosed(f"the connection to {self.address} was closed here")
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _next_id(self) -> int:
+        while True:
+            request_id = next(self.ids)
+            if request_id > MAX_REQUEST_ID:
+                self.ids = itertools.count(1)
+                continue
+            if request_id not in self.pending:
+                return request_id
+
+    # ---- asyncio.Protocol callbacks -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.decoder.feed(data)
+        try:
+            while (frame := self.decoder.next_frame()) is not None:
+                self._dispatch(frame)
+        except ProtocolError as exc:
+            hint = "" if self.received_frame or self.is_tls else f"; {TLS_HINT}"
+            self.closed_error = ConnectionBroken(
+                f"the server at {self.address} sent a broken stream ({exc}){hint}"
+            )
+            assert self.transport is not None
+            self.transport.abort()
+
+    def _dispatch(self, frame: Frame) -> None:
+        self.received_frame = True
+        if frame.request_id != CONNECTION_REQUEST_ID:
+            future = self.pending.pop(frame.request_id, None)
+            if future is not None and not future.done():
+                future.set_result(frame)
+            return
+        # The server speaks about the connection (why it closes it); pushes are ignored for now.
+        if frame.kind == PACKAGE.ANSWER_ERROR:
+            error = unpack(PACKAGE.ANSWER_ERROR, frame.body)
+            assert isinstance(error, ErrorAnswer)
+            self.server_error = error_from_answer(error)
+
+    def eof_received(self) -> bool | None:
+        return False  # let the transport close; connection_lost tells the waiters
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed_error is None:
+            self.closed_error = self._describe_loss(exc)
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(self.closed_error)
+        self.pending.clear()
+        if self.write_ready is not None and not self.write_ready.done():
+            self.write_ready.set_exception(self.closed_error)
+            self.write_ready.exception()  # retrieved: a writer may not be waiting
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def _describe_loss(self, exc: Exception | None) -> ConnectionClosed | RPCError:
+        if self.server_error is not None:
+            return self.server_error
+        if exc is not None:
+            return ConnectionBroken(f"connection to {self.address} broke: {exc}")
+        if not self.received_frame and not self.is_tls:
+            return ServerClosed(
+                f"the server at {self.address} closed the connection without answering; {TLS_HINT}"
+            )
+        return ServerClosed(f"the server at {self.address} closed the connection")
+
+    def pause_writing(self) -> None:
+        self.write_ready = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.write_ready is not None and not self.write_ready.done():
+            self.write_ready.set_result(None)
+        self.write_ready = None

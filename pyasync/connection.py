@@ -1,0 +1,379 @@
+"""One client connection of the server: frames in, requests run, answers out.
+
+``Connection`` is the asyncio protocol the server's listener makes per accepted socket. It
+decodes frames, answers plain-function actions inline and runs the others as tasks it owns,
+batches the answers of one read into one write, and applies backpressure. Timeouts of the
+connection itself live in ``Watchdog``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+from context import Context, TLSInfo
+from package import (
+    PACKAGE,
+    BrokenStream,
+    DeadlineExceeded,
+    ResourceExhausted,
+    RPCError,
+    Unavailable,
+)
+from protocol import (
+    CONNECTION_REQUEST_ID,
+    Frame,
+    FrameDecoder,
+    ProtocolError,
+    encode_frame,
+    encode_frame_parts,
+)
+from pyasync.deadlines import within
+from pyasync.router import ConnectionHook, Route, error_answer
+from pyasync.watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from server import Server
+
+__all__ = ["INLINE_MAX_BODY", "LARGE_WRITE", "Connection", "address_of"]
+
+log = logging.getLogger("pyasync.server")
+
+LARGE_WRITE = 64 * 1024  # bytes; answers larger than this are written without joining them
+# A plain-function action runs inline only on bodies up to this size: decoding and answering a
+# large body holds the event loop (16 MiB: ~55 ms), so it runs in a task like any other.
+INLINE_MAX_BODY = 64 * 1024  # bytes
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: decodes frames, runs each request, writes answers.
+
+    Backpressure: the transport stops reading while ``max_in_flight`` requests run or while the
+    transport's write buffer is above its high-water mark, so neither side can grow memory
+    without bound. Every task it starts is cancelled when the connection ends.
+    """
+
+    __slots__ = (
+        "closed", "ctx", "decoder", "id", "is_closing", "is_draining", "is_read_paused",
+        "is_ready", "is_write_paused", "loop", "requests_answered", "router", "server",
+        "settings", "tasks", "transport", "watchdog",
+    )  # fmt: skip  # thousands of idle connections: no per-instance dict
+
+    def __init__(self, server: Server, connection_id: int) -> None:
+        self.server = server
+        self.settings = settings = server.settings
+        self.router = server.router
+        self.id = connection_id
+        self.decoder = FrameDecoder(settings.max_frame_size)
+        self.tasks: dict[int, asyncio.Task[None]] = {}  # request id -> its running task
+        self.ctx = Context(app=server.app, connection_id=connection_id)
+        self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()
+        self.is_closing = False
+        self.is_draining = False  # shutting down: no new requests, finish the running ones
+        self.is_write_paused = False
+        self.is_read_paused = False
+        self.is_ready = False  # connect hooks have run
+        self.requests_answered = 0
+        self.closed = self.loop.create_future()
+        self.watchdog = Watchdog(
+            self.loop, self, idle_timeout=settings.idle_timeout,
+            frame_timeout=settings.frame_timeout, expire=self._expire,
+        )  # fmt: skip
+
+    @property
+    def is_busy(self) -> bool:
+        return bool(self.tasks)
+
+    # ---- asyncio.Protocol callbacks -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop: not a subclass
+        peer = transport.get_extra_info("peername")
+        self.ctx.peer = peer
+        self.ctx.tls = _tls_info(transport.get_extra_info("ssl_object"))
+        refusal = self.server.refusal()
+        if refusal:
+            log.warning("c%d refused from %s: %s", self.id, address_of(peer), refusal)
+            self._send_error(
+                CONNECTION_REQUEST_ID, ResourceExhausted(f"connection refused: {refusal}")
+            )
+            self.is_closing = True
+            transport.close()
+            return
+        self.ctx.app.connections.add(self)
+        tls = f" over {self.ctx.tls.version}" if self.ctx.tls else ""
+        log.info("c%d connected from %s%s", self.id, address_of(peer), tls)
+        if self.router.hooks.connect:
+            self._set_reading()  # paused until the hooks ran
+            self.server.track(self._run_connect_hooks())
+        else:
+            self.is_ready = True
+        self.watchdog.start()
+
+    def data_received(self, data: bytes) -> None:
+        self.watchdog.received()
+        self.decoder.feed(data)
+        self._take_frames()
+
+    def eof_received(self) -> bool | None:
+        # A peer that stops sending is gone: TCP cannot tell a half-close from a close, and
+        # running on for a vanished client wastes work, so its requests are cancelled.
+        log.debug("c%d end of stream from the client", self.id)
+        self.close()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.is_closing = True
+        self.watchdog.stop()
+        for task in self.tasks.values():
+            task.cancel()
+        connections = self.ctx.app.connections
+        if self not in connections:  # refused: never counted
+            self.closed.set_result(None)
+            return
+        connections.discard(self)
+        cause = f": {exc}" if exc else ""
+        log.info(
+            "c%d closed after %d requests%s, %d cancelled",
+            self.id, self.requests_answered, cause, len(self.tasks),
+        )  # fmt: skip
+        if self.router.hooks.disconnect:
+            self.server.track(self._run_hooks(self.router.hooks.disconnect, "disconnect"))
+        self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.is_write_paused = True
+        self._set_reading()
+
+    def resume_writing(self) -> None:
+        self.is_write_paused = False
+        self._set_reading()
+        self._take_frames()
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def _take_frames(self) -> None:
+        """Answer or start every complete frame while under the in-flight limit.
+
+        Requests whose action is a plain function are answered inline, and those answers leave
+        in one write at the end: a pipelined burst costs one system call, not one per request.
+        """
+        if not self.is_ready or self.is_closing:
+            return
+        decoder, tasks, router, ctx = self.decoder, self.tasks, self.router, self.ctx
+        refuse = self.is_draining and self.server.is_shutting_down
+        answers: list[bytes] = []  # encoded frames, or header and body apart for large ones
+        answered = 0
+        large = False
+        took_any = False
+        room = self.settings.max_in_flight - len(tasks)
+        try:
+            while room > 0:
+                frame = decoder.next_frame()
+                if frame is None:
+                    break
+                took_any = True
+                request_id = frame.request_id
+                if request_id in tasks or request_id == CONNECTION_REQUEST_ID:
+                    raise ProtocolError(_bad_request_id(request_id))
+                if refuse:
+                    kind, body = error_answer(
+                        Unavailable("server is shutting down; retry elsewhere")
+                    )
+                else:
+                    try:
+                        route = router.route(frame.kind)
+                    except RPCError as exc:
+                        kind, body = error_answer(exc)
+                    else:
+                        if not route.inline or len(frame.body) > INLINE_MAX_BODY:
+                            self._start(route, frame)
+                            room -= 1
+                            continue
+                        kind, body = router.answer_inline(route, frame, ctx)
+                answered += 1
+                large |= self._add_answer(answers, kind, request_id, body)
+        except ProtocolError as exc:
+            self._write(answers, large)
+            self._fail_stream(exc)
+            return
+        if answers:
+            self._answered(answered)
+            self._write(answers, large)
+        self.watchdog.frames_taken(took_any=took_any, buffered=decoder.buffered)
+        if self.is_read_paused or room <= 0:
+            self._set_reading()
+
+    def _start(self, route: Route, frame: Frame) -> None:
+        task = self.loop.create_task(self._serve(route, frame))
+        self.tasks[frame.request_id] = task
+        task.add_done_callback(lambda task: self._request_done(frame.request_id, task))
+
+    async def _serve(self, route: Route, frame: Frame) -> None:
+        settings = self.settings
+        timeout = frame.timeout_ms / 1000 if frame.timeout_ms else settings.request_timeout
+        timeout = min(timeout, settings.max_request_timeout)
+        try:
+            async with within(timeout):
+                kind, body = await self.router.answer(route, frame, self.ctx)
+        except TimeoutError:
+            kind, body = error_answer(
+                DeadlineExceeded(f"request did not finish within its {timeout:g} s timeout")
+            )
+        except asyncio.CancelledError:
+            if self.server.is_shutting_down and not self.is_closing:
+                self._send_error(
+                    frame.request_id, Unavailable("server shut down before the request finished")
+                )
+            raise
+        answers: list[bytes] = []
+        self._write(answers, self._add_answer(answers, kind, frame.request_id, body))
+        self._answered(1)
+
+    def _request_done(self, request_id: int, task: asyncio.Task[None]) -> None:
+        if self.tasks.get(request_id) is task:
+            del self.tasks[request_id]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("c%d request task failed", self.id, exc_info=task.exception())
+        if self.is_closing:
+            return
+        self._take_frames()
+        self._close_if_done()
+
+    def _answered(self, count: int) -> None:
+        self.requests_answered += count
+        self.ctx.app.stats.requests_served += count
+
+    # ---- writing ----------------------------------------------------------------------------
+
+    def _add_answer(self, answers: list[bytes], kind: int, request_id: int, body: bytes) -> bool:
+        """Append one answer's frame to ``answers``: whole when small, header and body apart
+        when large; True for large. An answer above MAX_FRAME_SIZE, which the client would
+        refuse, becomes RESOURCE_EXHAUSTED for that request alone."""
+        compression = self.server.compression
+        if len(body) > self.settings.max_frame_size:
+            kind, body = _oversize_answer(len(body), self.settings.max_frame_size)
+        if len(body) < LARGE_WRITE:
+            answers.append(encode_frame(kind, request_id, body, compression=compression))
+            return False
+        answers += encode_frame_parts(kind, request_id, body, compression=compression)
+        return True
+
+    def _write(self, pieces: Sequence[bytes], large: bool) -> None:
+        """Write small frames joined (one TLS record, one segment) and large bodies as they
+        are, beside their headers (no copy)."""
+        transport = self.transport
+        if not pieces or transport is None or transport.is_closing():
+            return
+        if large:
+            transport.writelines(pieces)
+        else:
+            transport.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+
+    def _send_error(self, request_id: int, error: RPCError) -> None:
+        kind, body = error_answer(error)
+        self._write([encode_frame(kind, request_id, body)], False)
+
+    # ---- connection state -------------------------------------------------------------------
+
+    def _set_reading(self) -> None:
+        """Read only while ready, not draining, under the in-flight limit and able to write."""
+        transport = self.transport
+        if transport is None or self.is_closing:
+            return
+        should_read = (
+            self.is_ready
+            and not self.is_draining
+            and not self.is_write_paused
+            and len(self.tasks) < self.settings.max_in_flight
+        )
+        if should_read and self.is_read_paused:
+            self.is_read_paused = False
+            transport.resume_reading()
+        elif not should_read and not self.is_read_paused:
+            self.is_read_paused = True
+            transport.pause_reading()
+
+    def _fail_stream(self, exc: ProtocolError) -> None:
+        log.info("c%d protocol error from %s: %s; closing", self.id, address_of(self.ctx.peer), exc)
+        self._send_error(CONNECTION_REQUEST_ID, BrokenStream(str(exc)))
+        self.close()
+
+    def _expire(self, reason: str) -> None:
+        log.info("c%d %s; closing", self.id, reason)
+        self.close()
+
+    def drain(self) -> None:
+        """Stop taking requests (server shutdown); close once the running ones answered."""
+        self.is_draining = True
+        self._set_reading()
+        self._take_frames()  # answer requests already received with UNAVAILABLE
+        self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        if self.is_draining and not self.tasks and not self.is_closing:
+            self.close()
+
+    def close(self) -> None:
+        """Close after writing what is buffered; running requests are cancelled."""
+        if self.is_closing or self.transport is None:
+            return
+        self.is_closing = True
+        self.watchdog.stop()
+        for task in self.tasks.values():
+            task.cancel()
+        self.transport.close()
+
+    async def _run_connect_hooks(self) -> None:
+        if await self._run_hooks(self.router.hooks.connect, "connect"):
+            self.is_ready = True
+            self._set_reading()
+            self._take_frames()
+        else:
+            self.close()
+
+    async def _run_hooks(self, hooks: Sequence[ConnectionHook], what: str) -> bool:
+        try:
+            for hook in hooks:
+                await hook(self.ctx)
+        except Exception:
+            log.exception("c%d %s hook failed", self.id, what)
+            return False
+        return True
+
+
+def _oversize_answer(size: int, limit: int) -> tuple[PACKAGE, bytes]:
+    return error_answer(
+        ResourceExhausted(
+            f"the answer of {size} bytes exceeds the frame limit of {limit} bytes (MAX_FRAME_SIZE)",
+            hint="ask for less at a time",
+        )
+    )
+
+
+def _bad_request_id(request_id: int) -> str:
+    if request_id == CONNECTION_REQUEST_ID:
+        return "request id 0 is reserved for frames about the connection; number requests from 1"
+    return f"request id {request_id} is still in flight; a request id may be reused once answered"
+
+
+def _tls_info(ssl_object: Any) -> TLSInfo | None:
+    if ssl_object is None:
+        return None
+    cipher = ssl_object.cipher()
+    return TLSInfo(
+        version=ssl_object.version(),
+        cipher=cipher[0] if cipher else None,
+        peer_certificate=ssl_object.getpeercert() or None,
+    )
+
+
+def address_of(peer: Any) -> str:
+    """``host:port`` (``[host]:port`` for IPv6) of a socket address, for log lines."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[:2]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer)
