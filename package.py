@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Any, ClassVar, Final, TypeVar
+from typing import Annotated, Any, ClassVar, Final, TypeVar
 
 import msgspec
 
@@ -41,6 +41,7 @@ __all__ = [
     "EchoRequest",
     "ErrorAnswer",
     "ErrorCode",
+    "Int64",
     "FailedPrecondition",
     "Internal",
     "InvalidArgument",
@@ -295,6 +296,14 @@ def error_from_answer(answer: ErrorAnswer) -> RPCError:
     return cls(answer.message, hint=answer.hint)
 
 
+# Integers on the wire are signed 64-bit: every database stores that, and MessagePack's uint64
+# values above it would otherwise reach an action (and a database) as a Python int. Use Int64 for
+# your own integer fields; a value outside is INVALID_ARGUMENT naming the field.
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
+Int64 = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
+
+
 class Body(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Base of every body: an immutable MessagePack map; fields at their default are omitted."""
 
@@ -360,6 +369,30 @@ def unpack(kind: PACKAGE, payload: bytes | memoryview) -> Body:
         return _DECODERS[kind].decode(payload)
     except msgspec.DecodeError as exc:
         raise InvalidArgument(f"invalid {kind.name} body: {exc}") from None
+    except UnicodeDecodeError:
+        field = _field_with_bad_utf8(payload)
+        where = f" at `$.{field}`" if field else ""
+        raise InvalidArgument(
+            f"invalid {kind.name} body: a str is not valid UTF-8{where}"
+        ) from None
+    except RecursionError:
+        raise InvalidArgument(f"invalid {kind.name} body: nested too deeply") from None
+
+
+def _field_with_bad_utf8(payload: bytes | memoryview) -> str | None:
+    """The top-level field whose value holds invalid UTF-8, for the error message."""
+    try:
+        fields = msgspec.msgpack.decode(payload, type=dict[str, msgspec.Raw])
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    for name, raw in fields.items():
+        try:
+            msgspec.msgpack.decode(raw)
+        except UnicodeDecodeError:
+            return name
+        except (msgspec.DecodeError, RecursionError):
+            continue
+    return None
 
 
 # ---- built-in bodies -----------------------------------------------------------------------
@@ -369,7 +402,7 @@ def unpack(kind: PACKAGE, payload: bytes | memoryview) -> Body:
 class ErrorAnswer(Body, frozen=True, kw_only=True):
     """Why a request failed: ``code`` from ``ErrorCode``, a one-line ``message``, a ``hint``."""
 
-    code: int
+    code: Int64
     message: str
     hint: str = ""
 
@@ -417,8 +450,8 @@ class ServerInfoRequest(Body, frozen=True, kw_only=True):
 class ServerInfoAnswer(Body, frozen=True, kw_only=True):
     version: str
     uptime_s: float
-    open_connections: int
-    requests_served: int
+    open_connections: Int64
+    requests_served: Int64
     config: dict[str, Any]
     database: dict[str, Any] | None = None  # DB_INFO's fields; None without a database
 
@@ -430,12 +463,12 @@ class KvPutRequest(Body, frozen=True, kw_only=True):
 
     key: str
     value: bytes
-    expected_version: int | None = None
+    expected_version: Int64 | None = None
 
 
 @body(PACKAGE.ANSWER_KV_PUT)
 class KvPutAnswer(Body, frozen=True, kw_only=True):
-    version: int
+    version: Int64
 
 
 @body(PACKAGE.REQUEST_KV_GET)
@@ -446,13 +479,13 @@ class KvGetRequest(Body, frozen=True, kw_only=True):
 @body(PACKAGE.ANSWER_KV_GET)
 class KvGetAnswer(Body, frozen=True, kw_only=True):
     value: bytes
-    version: int
+    version: Int64
 
 
 @body(PACKAGE.REQUEST_KV_DELETE)
 class KvDeleteRequest(Body, frozen=True, kw_only=True):
     key: str
-    expected_version: int | None = None
+    expected_version: Int64 | None = None
 
 
 @body(PACKAGE.ANSWER_KV_DELETE)
@@ -465,14 +498,14 @@ class KvListRequest(Body, frozen=True, kw_only=True):
     """Keys starting with ``prefix`` in byte order, ``limit`` at a time, after ``cursor``."""
 
     prefix: str = ""
-    limit: int = 100
+    limit: Int64 = 100
     cursor: str = ""
 
 
 class KvItem(msgspec.Struct, frozen=True, kw_only=True):
     key: str
-    version: int
-    size: int  # bytes of the value
+    version: Int64
+    size: Int64  # bytes of the value
 
 
 @body(PACKAGE.ANSWER_KV_LIST)
@@ -490,9 +523,9 @@ class DbInfoRequest(Body, frozen=True, kw_only=True):
 class DbInfoAnswer(Body, frozen=True, kw_only=True):
     backend: str
     server_version: str
-    pool_size: int
-    pool_in_use: int
-    pool_idle: int
+    pool_size: Int64
+    pool_in_use: Int64
+    pool_idle: Int64
     reachable: bool
 
 

@@ -208,17 +208,21 @@ class Connection(asyncio.Protocol):
             self._set_reading()
 
     def _start(self, route: Route, frame: Frame) -> None:
+        request_id = frame.request_id
         task = self.loop.create_task(self._serve(route, frame))
-        self.tasks[frame.request_id] = task
-        task.add_done_callback(lambda task: self._request_done(frame.request_id, task))
+        self.tasks[request_id] = task
+        task.add_done_callback(lambda task: self._request_done(request_id, task))
 
     async def _serve(self, route: Route, frame: Frame) -> None:
         settings = self.settings
         timeout = frame.timeout_ms / 1000 if frame.timeout_ms else settings.request_timeout
         timeout = min(timeout, settings.max_request_timeout)
+        request_id = frame.request_id
+        answering = self.router.answer(route, frame, self.ctx)
+        del frame  # the router lets go of a large body once decoded; hold no copy here
         try:
             async with within(timeout):
-                kind, body = await self.router.answer(route, frame, self.ctx)
+                kind, body = await answering
         except TimeoutError:
             kind, body = error_answer(
                 DeadlineExceeded(f"request did not finish within its {timeout:g} s timeout")
@@ -226,11 +230,11 @@ class Connection(asyncio.Protocol):
         except asyncio.CancelledError:
             if self.server.is_shutting_down and not self.is_closing:
                 self._send_error(
-                    frame.request_id, Unavailable("server shut down before the request finished")
+                    request_id, Unavailable("server shut down before the request finished")
                 )
             raise
         answers: list[bytes] = []
-        self._write(answers, self._add_answer(answers, kind, frame.request_id, body))
+        self._write(answers, self._add_answer(answers, kind, request_id, body))
         self._answered(1)
 
     def _request_done(self, request_id: int, task: asyncio.Task[None]) -> None:

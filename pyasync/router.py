@@ -159,24 +159,29 @@ class Router:
                 raise TypeError(f"{route.kind.name}'s plain-function action returned an awaitable")
             return route.answer, pack(route.answer, answer)
         except Exception as exc:
-            return self.failure(exc, frame, ctx)
+            return self.failure(exc, route.kind, frame.request_id, ctx)
 
     async def answer(self, route: Route, frame: Frame, ctx: Context) -> Answer:
         """Run the action of ``route`` and return its answer, never raising an RPC failure.
 
+        The frame is let go once decoded, so that the caller holding no other reference to it
+        keeps a large body once (the request), not twice, while the action runs.
+
         Raises:
             asyncio.CancelledError: the request was cancelled (timeout, disconnect, shutdown).
         """
+        request_id = frame.request_id
         try:
             request = unpack(route.kind, frame.body)
+            del frame
             if self.interceptors:
-                return await self._intercepted_async(route, request, frame, ctx)
+                return await self._intercepted_async(route, request, request_id, ctx)
             answer = route.function(request, ctx)
             if inspect.isawaitable(answer):
                 answer = await answer
             return route.answer, pack(route.answer, answer)
         except Exception as exc:
-            return self.failure(exc, frame, ctx)
+            return self.failure(exc, route.kind, request_id, ctx)
 
     async def unpack_and_process(self, frame: Frame, ctx: Context) -> Answer:
         """Route one request frame, run its action and return the answer, whatever it raises.
@@ -204,12 +209,12 @@ class Router:
                 raise TypeError(f"{route.kind.name}'s plain-function action returned an awaitable")
             result = route.answer, pack(route.answer, answer)
         except Exception as exc:
-            result = self.failure(exc, frame, ctx)
+            result = self.failure(exc, route.kind, frame.request_id, ctx)
         _after(passed, route.kind, result[0], ctx, started)
         return result
 
     async def _intercepted_async(
-        self, route: Route, request: Body, frame: Frame, ctx: Context
+        self, route: Route, request: Body, request_id: int, ctx: Context
     ) -> Answer:
         started = time.perf_counter()
         passed: list[Interceptor] = []
@@ -222,12 +227,12 @@ class Router:
                 answer = await answer
             result = route.answer, pack(route.answer, answer)
         except Exception as exc:
-            result = self.failure(exc, frame, ctx)
+            result = self.failure(exc, route.kind, request_id, ctx)
         _after(passed, route.kind, result[0], ctx, started)
         return result
 
     @staticmethod
-    def failure(exc: Exception, frame: Frame, ctx: Context) -> Answer:
+    def failure(exc: Exception, kind: int, request_id: int, ctx: Context) -> Answer:
         """The error answer for an exception an action (or routing) raised.
 
         An ``RPCError`` is the client's answer as it is; anything else is the server's fault:
@@ -239,10 +244,10 @@ class Router:
             return error_answer(DeadlineExceeded("an operation inside the action timed out"))
         log.error(
             "c%d request %d (type %d) failed",
-            ctx.connection_id, frame.request_id, frame.kind, exc_info=exc,
+            ctx.connection_id, request_id, kind, exc_info=exc,
         )  # fmt: skip
         return error_answer(
-            Internal(f"the server failed on request {frame.request_id}; its log has details")
+            Internal(f"the server failed on request {request_id}; its log has details")
         )
 
 
