@@ -202,6 +202,8 @@ def run_rate_shapes(binary: Path, files: dict[str, str], args: argparse.Namespac
             continue
         title, connections, in_flight, size, names = SHAPES[shape_key]
         for name in names:
+            if args.servers and name not in args.servers:
+                continue
             server = SERVERS[name]
             client = "grpc.aio client (Python)" if server.proto == "grpc" else "loadgen (C)"
             runs = []
@@ -426,6 +428,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="abcde", help="which of a b c d e (default all)")
     parser.add_argument("--backends", default="sqlite,mariadb,postgres")
+    parser.add_argument(
+        "--servers",
+        default="",
+        help=f"rows of shapes a-c to run, comma-separated: {', '.join(SERVERS)}",
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=8.0)
@@ -437,6 +444,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.backends = [b for b in args.backends.split(",") if b]
+    args.servers = [s for s in args.servers.split(",") if s]
     if args.quick:
         args.runs, args.warmup, args.duration = 1, 0.5, 1.0
     if len(os.sched_getaffinity(0)) < 2 or shutil.which("taskset") is None:
