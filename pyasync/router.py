@@ -149,17 +149,21 @@ class Router:
 
     def answer_inline(self, route: Route, frame: Frame, ctx: Context) -> Answer:
         """Run a plain-function action now and return its answer; never raises ``Exception``."""
+        request_id = frame.request_id
         try:
             request = unpack(route.kind, frame.body)
-            if self.interceptors:
-                return self._intercepted(route, request, frame, ctx, time.perf_counter())
-            answer = route.function(request, ctx)
-            if inspect.isawaitable(answer):
-                _close(answer)
-                raise TypeError(f"{route.kind.name}'s plain-function action returned an awaitable")
-            return route.answer, pack(route.answer, answer)
+            if not self.interceptors:
+                return _call_inline(route, request, ctx)
         except Exception as exc:
-            return self.failure(exc, route.kind, frame.request_id, ctx)
+            return self.failure(exc, route.kind, request_id, ctx)
+        started, passed = time.perf_counter(), list[Interceptor]()
+        try:
+            self._before(passed, route.kind, request, ctx)
+            result = _call_inline(route, request, ctx)
+        except Exception as exc:
+            result = self.failure(exc, route.kind, request_id, ctx)
+        _after(passed, route.kind, result[0], ctx, started)
+        return result
 
     async def answer(self, route: Route, frame: Frame, ctx: Context) -> Answer:
         """Run the action of ``route`` and return its answer, never raising an RPC failure.
@@ -171,17 +175,21 @@ class Router:
             asyncio.CancelledError: the request was cancelled (timeout, disconnect, shutdown).
         """
         request_id = frame.request_id
+        started, passed = time.perf_counter() if self.interceptors else 0.0, list[Interceptor]()
         try:
             request = unpack(route.kind, frame.body)
             del frame
             if self.interceptors:
-                return await self._intercepted_async(route, request, request_id, ctx)
+                self._before(passed, route.kind, request, ctx)
             answer = route.function(request, ctx)
             if inspect.isawaitable(answer):
                 answer = await answer
-            return route.answer, pack(route.answer, answer)
+            result = route.answer, pack(route.answer, answer)
         except Exception as exc:
-            return self.failure(exc, route.kind, request_id, ctx)
+            result = self.failure(exc, route.kind, request_id, ctx)
+        if passed:
+            _after(passed, route.kind, result[0], ctx, started)
+        return result
 
     async def unpack_and_process(self, frame: Frame, ctx: Context) -> Answer:
         """Route one request frame, run its action and return the answer, whatever it raises.
@@ -195,41 +203,13 @@ class Router:
             return error_answer(exc)
         return await self.answer(route, frame, ctx)
 
-    def _intercepted(
-        self, route: Route, request: Body, frame: Frame, ctx: Context, started: float
-    ) -> Answer:
-        passed: list[Interceptor] = []
-        try:
-            for step in self.interceptors:
-                step.before(route.kind, request, ctx)
-                passed.append(step)
-            answer = route.function(request, ctx)
-            if inspect.isawaitable(answer):
-                _close(answer)
-                raise TypeError(f"{route.kind.name}'s plain-function action returned an awaitable")
-            result = route.answer, pack(route.answer, answer)
-        except Exception as exc:
-            result = self.failure(exc, route.kind, frame.request_id, ctx)
-        _after(passed, route.kind, result[0], ctx, started)
-        return result
-
-    async def _intercepted_async(
-        self, route: Route, request: Body, request_id: int, ctx: Context
-    ) -> Answer:
-        started = time.perf_counter()
-        passed: list[Interceptor] = []
-        try:
-            for step in self.interceptors:
-                step.before(route.kind, request, ctx)
-                passed.append(step)
-            answer = route.function(request, ctx)
-            if inspect.isawaitable(answer):
-                answer = await answer
-            result = route.answer, pack(route.answer, answer)
-        except Exception as exc:
-            result = self.failure(exc, route.kind, request_id, ctx)
-        _after(passed, route.kind, result[0], ctx, started)
-        return result
+    def _before(
+        self, passed: list[Interceptor], kind: PACKAGE, request: Body, ctx: Context
+    ) -> None:
+        """Run the ``before`` steps in order, noting in ``passed`` those whose ``after`` is due."""
+        for step in self.interceptors:
+            step.before(kind, request, ctx)
+            passed.append(step)
 
     @staticmethod
     def failure(exc: Exception, kind: int, request_id: int, ctx: Context) -> Answer:
@@ -274,6 +254,14 @@ def _after(
         except Exception:
             log.exception("c%d interceptor %s failed after %s", ctx.connection_id,
                           type(step).__name__, kind.name)  # fmt: skip
+
+
+def _call_inline(route: Route, request: Body, ctx: Context) -> Answer:
+    answer = route.function(request, ctx)
+    if inspect.isawaitable(answer):
+        _close(answer)
+        raise TypeError(f"{route.kind.name}'s plain-function action returned an awaitable")
+    return route.answer, pack(route.answer, answer)
 
 
 def _close(awaitable: object) -> None:

@@ -74,7 +74,7 @@ WIRE_INT = st.integers(-(2**63), 2**63 - 1)  # MessagePack carries 64-bit intege
 def wire_values(tp: Any) -> st.SearchStrategy[Any]:
     """Values of type ``tp`` that MessagePack can carry, nested structs included."""
     scalars = st.one_of(st.none(), st.booleans(), WIRE_INT, st.text())
-    if tp is int:
+    if tp is int or tp == package.Int64:
         return WIRE_INT
     if tp == dict[str, Any]:  # free-form maps: draw plain scalar values
         return st.dictionaries(st.text(), scalars)
