@@ -18,10 +18,12 @@ Any other exception is logged with its traceback and answered as ``INTERNAL``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import TypeVar
 
 import database
+from broker import Broker
 from context import Context
 from database import UniqueViolation, connect
 from package import (
@@ -33,6 +35,7 @@ from package import (
     DbInfoRequest,
     EchoAnswer,
     EchoRequest,
+    FailedPrecondition,
     InvalidArgument,
     KvDeleteAnswer,
     KvDeleteRequest,
@@ -46,9 +49,16 @@ from package import (
     NotFound,
     PingAnswer,
     PingRequest,
+    PublishAnswer,
+    PublishRequest,
+    ResourceExhausted,
     ServerInfoAnswer,
     ServerInfoRequest,
+    SubscribeAnswer,
+    SubscribeRequest,
     Unavailable,
+    UnsubscribeAnswer,
+    UnsubscribeRequest,
     __version__,
 )
 from protocol import Frame
@@ -318,3 +328,49 @@ async def kv_list(request: KvListRequest, ctx: Context) -> KvListAnswer:
 async def db_info(request: DbInfoRequest, ctx: Context) -> DbInfoAnswer:
     """Backend, server version, pool use, and whether the database answers right now."""
     return DbInfoAnswer(**await database.current_manager().info())
+
+
+# ---- publish/subscribe -----------------------------------------------------------------------
+
+
+def _broker(ctx: Context) -> Broker:
+    if ctx.app.broker is None:
+        raise Unavailable("this server has no broker", hint="set BROKER_URL")
+    return ctx.app.broker
+
+
+@action(PACKAGE.REQUEST_SUBSCRIBE)
+async def subscribe(request: SubscribeRequest, ctx: Context) -> SubscribeAnswer:
+    """Push the topic's messages to this connection: kept ones after ``since``, then live."""
+    broker = _broker(ctx)
+    limit = ctx.app.settings.max_subscriptions
+    if len(ctx.subscriptions) >= limit:
+        raise ResourceExhausted(
+            f"this connection holds {limit} subscriptions (MAX_SUBSCRIPTIONS)",
+            hint="unsubscribe first, or use one wildcard subscription",
+        )
+    if ctx.pushes is None:
+        raise FailedPrecondition("this connection cannot take pushes")
+    subscription, position, complete = await broker.subscribe(
+        ctx.pushes, request.topic, since=request.since, positions=dict(request.positions)
+    )
+    ctx.subscriptions[subscription.id] = subscription
+    # Pushes start after this answer has left, so the client knows the id before any event.
+    asyncio.get_running_loop().call_soon(broker.start_pushing, subscription)
+    return SubscribeAnswer(subscription=subscription.id, position=position, complete=complete)
+
+
+@action(PACKAGE.REQUEST_UNSUBSCRIBE)
+async def unsubscribe(request: UnsubscribeRequest, ctx: Context) -> UnsubscribeAnswer:
+    """End a subscription of this connection; no event of it follows the answer."""
+    subscription = ctx.subscriptions.pop(request.subscription, None)
+    if subscription is None:
+        raise NotFound(f"this connection has no subscription {request.subscription}")
+    await _broker(ctx).unsubscribe(subscription)
+    return UnsubscribeAnswer()
+
+
+@action(PACKAGE.REQUEST_PUBLISH)
+async def publish(request: PublishRequest, ctx: Context) -> PublishAnswer:
+    """Publish to a topic; answered once the broker stored the message."""
+    return PublishAnswer(offset=await _broker(ctx).publish(request.topic, request.data))

@@ -119,6 +119,18 @@ class Settings:
     )
     tls_handshake_timeout: float = setting(10.0, "Seconds a TLS handshake may take.", low=0.001)
     tls_ca_file: str = setting("", "Client: CA file to verify the server; empty = system CAs.")
+    broker_url: str = setting(
+        "memory://", "Publish/subscribe broker: memory://, nats://host:4222 or redis://host:6379."
+    )
+    history_size: int = setting(1000, "Messages each topic keeps for late subscribers.", low=0)
+    history_ttl: float = setting(3600.0, "Seconds a topic keeps a message.", low=0.001)
+    max_subscriptions: int = setting(100, "Subscriptions one connection may hold.", low=0)
+    max_topic_length: int = setting(256, "Longest topic or pattern, characters.", low=1, high=65535)
+    push_buffer_size: int = setting(
+        1024 * 1024,
+        "Bytes of pushes one connection may have unsent; beyond, it is caught up from history.",
+        low=1024,
+    )
 
     def __post_init__(self) -> None:
         if self.enable_tls and not (self.tls_cert_file and self.tls_key_file):

@@ -15,6 +15,7 @@ from config import Settings
 from server_config import DatabaseSettings
 
 if TYPE_CHECKING:
+    from broker import Broker, PushTarget, Subscription
     from database import DatabaseManager
 
 __all__ = ["App", "Context", "ServerStats", "TLSInfo", "current_app", "set_current_app"]
@@ -42,6 +43,7 @@ class App:
         stats: live counters.
         connections: the open connections (their count is ``len(connections)``).
         database: the database manager, or None with ``DB_BACKEND=none``; ``connect()`` uses it.
+        broker: the publish/subscribe broker (``BROKER_URL``); ``broker.publish()`` uses it.
         state: resources that start-up hooks create for actions (a cache, a client).
     """
 
@@ -50,6 +52,7 @@ class App:
     stats: ServerStats = field(default_factory=ServerStats)
     connections: set[Any] = field(default_factory=set)
     database: DatabaseManager | None = None
+    broker: Broker | None = None
     state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -93,6 +96,8 @@ class Context:
         peer: the client's address as the socket reports it.
         tls: the TLS session, or None over plain TCP.
         state: free for actions and hooks to keep per-connection data in; dropped on close.
+        pushes: where the broker pushes this connection's events (the server's connection).
+        subscriptions: this connection's subscriptions by id; ended when it closes.
     """
 
     app: App
@@ -100,3 +105,5 @@ class Context:
     peer: Any = None
     tls: TLSInfo | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    pushes: PushTarget | None = None
+    subscriptions: dict[int, Subscription] = field(default_factory=dict)

@@ -14,6 +14,14 @@ from typing import Annotated, Any, ClassVar, Final, TypeVar
 import msgspec
 
 __all__ = [
+    "UnsubscribeRequest",
+    "UnsubscribeAnswer",
+    "SubscribeRequest",
+    "SubscribeAnswer",
+    "PublishRequest",
+    "PublishAnswer",
+    "MessageEvent",
+    "GapEvent",
     "__version__",
     "PACKAGE",
     "Aborted",
@@ -100,6 +108,15 @@ class PACKAGE(enum.IntEnum):
     ANSWER_KV_LIST = 17
     REQUEST_DB_INFO = 18
     ANSWER_DB_INFO = 19
+    REQUEST_SUBSCRIBE = 20
+    ANSWER_SUBSCRIBE = 21
+    REQUEST_UNSUBSCRIBE = 22
+    ANSWER_UNSUBSCRIBE = 23
+    REQUEST_PUBLISH = 24
+    ANSWER_PUBLISH = 25
+
+    EVENT_MESSAGE = 40
+    EVENT_GAP = 41
 
 
 class ErrorCode(enum.IntEnum):
@@ -527,6 +544,75 @@ class DbInfoAnswer(Body, frozen=True, kw_only=True):
     pool_in_use: Int64
     pool_idle: Int64
     reachable: bool
+
+
+@body(PACKAGE.REQUEST_SUBSCRIBE)
+class SubscribeRequest(Body, frozen=True, kw_only=True):
+    """Receive the messages of ``topic`` (or of every topic a ``*``/``>`` pattern matches).
+
+    ``since``: also every kept message after this offset (0: all kept history), then live ones;
+    None: live ones only. ``positions``: for a wildcard, per topic, the last offset the client
+    has (resumes each topic there; ``since`` applies to the topics not listed).
+    """
+
+    topic: str
+    since: Int64 | None = None
+    positions: dict[str, Int64] = {}
+
+
+@body(PACKAGE.ANSWER_SUBSCRIBE)
+class SubscribeAnswer(Body, frozen=True, kw_only=True):
+    """``position``: the topic's newest offset now (0 for a wildcard). ``complete``: False when
+    kept history no longer reaches back to ``since`` (or ``since`` is ahead of the topic, as
+    after a restart of an in-memory broker): resynchronise from your own records."""
+
+    subscription: Int64
+    position: Int64
+    complete: bool = True
+
+
+@body(PACKAGE.REQUEST_UNSUBSCRIBE)
+class UnsubscribeRequest(Body, frozen=True, kw_only=True):
+    subscription: Int64
+
+
+@body(PACKAGE.ANSWER_UNSUBSCRIBE)
+class UnsubscribeAnswer(Body, frozen=True, kw_only=True):
+    pass
+
+
+@body(PACKAGE.REQUEST_PUBLISH)
+class PublishRequest(Body, frozen=True, kw_only=True):
+    topic: str
+    data: bytes
+
+
+@body(PACKAGE.ANSWER_PUBLISH)
+class PublishAnswer(Body, frozen=True, kw_only=True):
+    """Sent once the broker has stored the message: ``offset`` is its place in its topic."""
+
+    offset: Int64
+
+
+@body(PACKAGE.EVENT_MESSAGE)
+class MessageEvent(Body, frozen=True, kw_only=True):
+    """A message pushed to a subscription (request id 0); offsets of a topic count from 1."""
+
+    subscription: Int64
+    topic: str
+    offset: Int64
+    data: bytes
+
+
+@body(PACKAGE.EVENT_GAP)
+class GapEvent(Body, frozen=True, kw_only=True):
+    """Messages ``first_missing`` to ``last_missing`` of ``topic`` will not be delivered to this
+    subscription: they left history before it could be sent them."""
+
+    subscription: Int64
+    topic: str
+    first_missing: Int64
+    last_missing: Int64
 
 
 # ---- your bodies go here, above the check ---------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 import actions  # noqa: F401  # registers the built-in and the user's actions and hooks
 import config
 import server_config
+from broker import Broker, BrokerSettings
 from config import ConfigError, Settings
 from context import App, set_current_app
 from database import DatabaseManager
@@ -111,6 +112,8 @@ class Server:
         if self.app.db_settings.db_backend != "NONE":
             self.app.database = DatabaseManager(self.app.db_settings)
             await self.app.database.start()
+        self.app.broker = Broker(broker_settings(self.settings))
+        await self.app.broker.start()
         for hook in (*self.router.hooks.startup, *self._extra_startup_hooks):
             await hook(self.app)
         loop = asyncio.get_running_loop()
@@ -172,6 +175,8 @@ class Server:
                 await hook(self.app)
             except Exception:
                 log.exception("shutdown hook %s failed", getattr(hook, "__name__", hook))
+        if self.app.broker is not None:
+            await self.app.broker.close()
         if self.app.database is not None:
             await self.app.database.close()
         self._restore_exception_handler()
@@ -250,6 +255,17 @@ class Server:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._hook_tasks.add(task)
         task.add_done_callback(self._hook_tasks.discard)
+
+
+def broker_settings(settings: Settings) -> BrokerSettings:
+    """The broker's part of the settings; a message leaves room in its frame for its topic."""
+    return BrokerSettings(
+        url=settings.broker_url,
+        history_size=settings.history_size,
+        history_ttl=settings.history_ttl,
+        max_topic_length=settings.max_topic_length,
+        max_message_size=settings.max_frame_size - 4 * settings.max_topic_length - 64,
+    )
 
 
 @contextlib.asynccontextmanager

@@ -57,8 +57,8 @@ class Connection(asyncio.Protocol):
 
     __slots__ = (
         "closed", "ctx", "decoder", "id", "is_closing", "is_draining", "is_read_paused",
-        "is_ready", "is_write_paused", "loop", "requests_answered", "router", "server",
-        "settings", "tasks", "transport", "watchdog",
+        "is_ready", "is_write_paused", "loop", "push_bytes", "push_waiter", "pushes",
+        "requests_answered", "router", "server", "settings", "tasks", "transport", "watchdog",
     )  # fmt: skip  # thousands of idle connections: no per-instance dict
 
     def __init__(self, server: Server, connection_id: int) -> None:
@@ -78,6 +78,10 @@ class Connection(asyncio.Protocol):
         self.is_ready = False  # connect hooks have run
         self.requests_answered = 0
         self.closed = self.loop.create_future()
+        self.pushes: list[bytes] = []  # event frames waiting for this loop pass's write
+        self.push_bytes = 0
+        self.push_waiter: asyncio.Future[None] | None = None  # a replay waiting for room
+        self.ctx.pushes = self
         self.watchdog = Watchdog(
             self.loop, self, idle_timeout=settings.idle_timeout,
             frame_timeout=settings.frame_timeout, expire=self._expire,
@@ -135,6 +139,10 @@ class Connection(asyncio.Protocol):
             self.closed.set_result(None)
             return
         connections.discard(self)
+        self._wake_pusher()
+        if self.ctx.subscriptions and self.ctx.app.broker is not None:
+            self.ctx.app.broker.drop(self.ctx.subscriptions.values())
+            self.ctx.subscriptions.clear()
         cause = f": {exc}" if exc else ""
         log.info(
             "c%d closed after %d requests%s, %d cancelled",
@@ -152,6 +160,52 @@ class Connection(asyncio.Protocol):
         self.is_write_paused = False
         self._set_reading()
         self._take_frames()
+        self._wake_pusher()
+
+    # ---- pushes (the broker's events) ---------------------------------------------------------
+
+    def push(self, frame: bytes) -> bool:
+        """Queue an event frame for this loop pass's one write; False when over PUSH_BUFFER_SIZE.
+
+        A slow reader's pushes stop here, bounded; the broker replays them from history once
+        ``writable()`` returns.
+        """
+        transport = self.transport
+        if self.is_closing or transport is None:
+            return True  # going away: nothing to keep
+        size = len(frame)
+        if (
+            self.push_bytes + size + transport.get_write_buffer_size()
+            > self.settings.push_buffer_size
+        ):
+            return False
+        if not self.pushes:
+            self.loop.call_soon(self._flush_pushes)
+        self.pushes.append(frame)
+        self.push_bytes += size
+        return True
+
+    async def writable(self) -> None:
+        """Return once pushes fit again: queued ones written and the socket not backed up."""
+        while not self.is_closing and (self.pushes or self.is_write_paused):
+            if self.push_waiter is None:
+                self.push_waiter = self.loop.create_future()
+            await self.push_waiter
+
+    def _flush_pushes(self) -> None:
+        pushes = self.pushes
+        if pushes:
+            self.pushes, self.push_bytes = [], 0
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(pushes[0] if len(pushes) == 1 else b"".join(pushes))
+        if not self.is_write_paused:
+            self._wake_pusher()
+
+    def _wake_pusher(self) -> None:
+        waiter, self.push_waiter = self.push_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -272,6 +326,8 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if not pieces or transport is None or transport.is_closing():
             return
+        if self.pushes:  # events generated before this answer leave before it
+            self._flush_pushes()
         if large:
             transport.writelines(pieces)
         else:

@@ -78,6 +78,8 @@ def wire_values(tp: Any) -> st.SearchStrategy[Any]:
         return WIRE_INT
     if tp == dict[str, Any]:  # free-form maps: draw plain scalar values
         return st.dictionaries(st.text(), scalars)
+    if typing.get_origin(tp) is dict:
+        return st.dictionaries(st.text(), wire_values(typing.get_args(tp)[1]), max_size=3)
     if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
         fields = {f.name: wire_values(f.type) for f in msgspec.structs.fields(tp)}
         return st.builds(tp, **fields)

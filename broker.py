@@ -1,0 +1,519 @@
+"""Publish/subscribe: topics, offsets, and the server's one broker shared by all its connections.
+
+Actions and hooks publish with ``await publish(topic, data)`` (or ``app.broker.publish``);
+clients subscribe with ``REQUEST_SUBSCRIBE``. A backend chosen by ``BROKER_URL`` (``memory://``,
+``nats://``, ``redis://``) carries messages between servers and keeps each topic's history; this
+module does the rest once for all backends: one backend subscription per pattern in use, local
+fan-out, replay from history with no gap and no duplicate at the seam, and a bounded budget of
+pushes per connection (a slow reader is caught up from history later, never buffered without
+bound).
+
+Offsets count each topic's messages from 1 without holes, so a subscriber can name exactly where
+it stopped, and a missing offset is always announced (``EVENT_GAP``), never silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import msgspec
+
+from context import current_app
+from package import PACKAGE, InvalidArgument, Unavailable
+from protocol import CONNECTION_REQUEST_ID, HEADER, MAGIC, PROTOCOL_VERSION
+
+__all__ = [
+    "Broker",
+    "BrokerBackend",
+    "BrokerSettings",
+    "PushTarget",
+    "Stored",
+    "check_topic",
+    "open_backend",
+    "publish",
+    "topic_matches",
+]
+
+log = logging.getLogger("pyasync.broker")
+
+REPLAY_CHUNK = 256  # messages read from history per backend call while catching up
+TOKEN = re.compile(r"[^\s.*>]+")  # a topic token: no space, dot or wildcard
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    """What the broker needs from the server's settings."""
+
+    url: str = "memory://"
+    history_size: int = 1000  # messages kept per topic
+    history_ttl: float = 3600.0  # seconds a message is kept
+    max_topic_length: int = 256  # characters
+    max_message_size: int = 1024 * 1024  # bytes of data
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A message as the backend keeps it."""
+
+    topic: str
+    offset: int
+    data: bytes
+
+
+class BrokerBackend(Protocol):
+    """Where messages travel between servers and where each topic's history is kept.
+
+    Offsets are per topic, from 1, without holes. Every method raises ``Unavailable`` while the
+    backend cannot be reached.
+    """
+
+    async def start(self) -> None:
+        """Connect; the backend reconnects on its own afterwards."""
+
+    async def close(self) -> None:
+        """Disconnect and stop every listener."""
+
+    async def publish(self, topic: str, data: bytes) -> int:
+        """Store and send one message; return its offset once the backend has it."""
+
+    async def listen(self, pattern: str, deliver: Callable[[Stored], None]) -> None:
+        """Call ``deliver`` with every message published from now on to a matching topic."""
+
+    async def unlisten(self, pattern: str) -> None:
+        """Stop the deliveries that ``listen(pattern)`` started."""
+
+    async def history(self, topic: str, after: int, limit: int) -> tuple[list[Stored], int]:
+        """Up to ``limit`` kept messages of ``topic`` with offsets above ``after``, oldest
+        first, and the topic's newest offset (0 if it has none)."""
+
+    async def topics(self, pattern: str) -> list[str]:
+        """The topics matching ``pattern`` that have history kept."""
+
+
+def open_backend(settings: BrokerSettings, on_reconnect: Callable[[], None]) -> BrokerBackend:
+    """The backend ``settings.url`` names; drivers are imported only when used.
+
+    Raises:
+        ValueError: the URL's scheme is unknown.
+    """
+    scheme = urlsplit(settings.url).scheme.lower()
+    if scheme == "memory":
+        from pyasync.brokers.memory import MemoryBackend
+
+        return MemoryBackend(settings)
+    raise ValueError(f"BROKER_URL must start with memory://, nats:// or redis://, got {scheme!r}")
+
+
+# ---- topics ----------------------------------------------------------------------------------
+
+
+def check_topic(topic: str, *, max_length: int, pattern: bool = False) -> None:
+    """Refuse a topic that is not dot-separated tokens (NATS subjects' rules).
+
+    With ``pattern``, a token may be ``*`` (any one token) and the last may be ``>`` (one or
+    more tokens).
+
+    Raises:
+        InvalidArgument: names what is wrong.
+    """
+    if not 0 < len(topic) <= max_length:
+        raise InvalidArgument(f"topic must be 1 to {max_length} characters, got {len(topic)}")
+    tokens = topic.split(".")
+    for index, token in enumerate(tokens):
+        if TOKEN.fullmatch(token):
+            continue
+        if pattern and (token == "*" or (token == ">" and index == len(tokens) - 1)):
+            continue
+        what = "a subscription" if pattern else "a published topic (no wildcards)"
+        raise InvalidArgument(
+            f"topic {topic!r} has a bad token {token!r} for {what}",
+            hint="tokens are separated by dots and hold no spaces; '*' is one token, "
+            "'>' the rest, in subscriptions only",
+        )
+
+
+def is_wildcard(pattern: str) -> bool:
+    return "*" in pattern or pattern.endswith(">")
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """True when ``topic`` is one that ``pattern`` subscribes to."""
+    wanted, tokens = pattern.split("."), topic.split(".")
+    for index, token in enumerate(wanted):
+        if token == ">":
+            return len(tokens) > index
+        if index >= len(tokens) or (token != "*" and token != tokens[index]):
+            return False
+    return len(tokens) == len(wanted)
+
+
+# ---- pushes ----------------------------------------------------------------------------------
+
+
+class PushTarget(Protocol):
+    """A connection the broker pushes event frames to (``pyasync.connection.Connection``)."""
+
+    def push(self, frame: bytes) -> bool:
+        """Queue one frame; False, queuing nothing, when its push budget is spent."""
+
+    async def writable(self) -> None:
+        """Return once the connection can take pushes again (its budget is half free)."""
+
+
+_encode = msgspec.msgpack.Encoder().encode
+
+
+def _event_frame(kind: PACKAGE, body: bytes) -> bytes:
+    header = HEADER.pack(MAGIC, PROTOCOL_VERSION, 0, kind, CONNECTION_REQUEST_ID, 0, len(body))
+    return header + body
+
+
+class Subscription:
+    """One client's subscription: where it stands in each topic, and whether it is live.
+
+    While ``catching_up``, live messages are not pushed (only the newest offset is noted); a
+    task replays history from ``positions`` until it meets the live stream, then goes live.
+    """
+
+    __slots__ = (
+        "catch_up_task", "catching_up", "default_after", "id", "live_heads", "pattern",
+        "positions", "prefix", "target",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        subscription_id: int,
+        pattern: str,
+        target: PushTarget,
+        positions: dict[str, int],
+        default_after: int,
+    ) -> None:
+        self.id = subscription_id
+        self.pattern = pattern
+        self.target = target
+        self.positions = positions  # topic -> last offset delivered (or skipped by request)
+        self.default_after = default_after  # the position of a topic not in positions
+        self.live_heads: dict[str, int] = {}  # topic -> newest offset seen live while catching up
+        self.catching_up = True
+        self.catch_up_task: asyncio.Task[None] | None = None
+        # The body of EVENT_MESSAGE is a map; its first entry (this subscription) is fixed.
+        self.prefix = b"\x84" + _encode("subscription") + _encode(subscription_id)
+
+
+@dataclass(slots=True)
+class Listener:
+    """The one backend subscription of a pattern, and the local subscriptions it feeds."""
+
+    pattern: str
+    subscriptions: set[Subscription] = field(default_factory=set)
+    ready: asyncio.Future[None] | None = None
+
+
+class Broker:
+    """The server's side of publish/subscribe, over one backend.
+
+    Args:
+        settings: URL, history and limits.
+    """
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        self.settings = settings
+        self.backend = open_backend(settings, self._resync_all)
+        self.listeners: dict[str, Listener] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._ids = 0
+
+    async def start(self) -> None:
+        await self.backend.start()
+
+    async def close(self) -> None:
+        for listener in self.listeners.values():
+            for subscription in list(listener.subscriptions):
+                self._stop(subscription)
+        self.listeners.clear()
+        for task in self.tasks:
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=5)
+        await self.backend.close()
+
+    # ---- publishing ----------------------------------------------------------------------
+
+    async def publish(self, topic: str, data: bytes) -> int:
+        """Publish ``data`` to ``topic``; return its offset once the backend accepted it.
+
+        Raises:
+            InvalidArgument: a bad topic, or data above the message size limit.
+            Unavailable: the backend cannot be reached.
+        """
+        check_topic(topic, max_length=self.settings.max_topic_length)
+        if len(data) > self.settings.max_message_size:
+            raise InvalidArgument(
+                f"message of {len(data)} bytes exceeds {self.settings.max_message_size}"
+            )
+        return await self.backend.publish(topic, data)
+
+    # ---- subscribing -----------------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        target: PushTarget,
+        pattern: str,
+        *,
+        since: int | None,
+        positions: dict[str, int],
+    ) -> tuple[Subscription, int, bool]:
+        """Start a subscription; its pushes begin once ``start_pushing`` is called.
+
+        Args:
+            target: the connection to push to.
+            pattern: a topic, or a pattern with ``*`` / ``>``.
+            since: deliver every kept message after this offset, then live ones; None for live
+                only. For a wildcard it applies to each matching topic not in ``positions``.
+            positions: per topic, the last offset the client has (a wildcard's resume point).
+
+        Returns:
+            The subscription; the topic's newest offset (0 for a wildcard); and whether kept
+            history reaches back to every position asked for.
+
+        Raises:
+            InvalidArgument: a bad pattern, position or offset.
+            Unavailable: the backend cannot be reached.
+        """
+        limit = self.settings.max_topic_length
+        check_topic(pattern, max_length=limit, pattern=True)
+        for topic in positions:
+            check_topic(topic, max_length=limit)
+            if not topic_matches(pattern, topic):
+                raise InvalidArgument(f"a position for {topic!r}, which {pattern!r} does not match")
+        if (since is not None and since < 0) or any(v < 0 for v in positions.values()):
+            raise InvalidArgument("since and positions are offsets: 0 or above")
+        await self._listen(pattern)
+        try:
+            return await self._start_subscription(target, pattern, since, positions)
+        except BaseException:
+            listener = self.listeners.get(pattern)
+            if listener is not None and not listener.subscriptions:  # cancelled or failed
+                del self.listeners[pattern]
+                self._spawn(self._unlisten(pattern))
+            raise
+
+    async def _start_subscription(
+        self, target: PushTarget, pattern: str, since: int | None, positions: dict[str, int]
+    ) -> tuple[Subscription, int, bool]:
+        wanted = dict(positions)
+        position = 0
+        if not is_wildcard(pattern):
+            after = wanted.get(pattern, since)
+            _, position = await self.backend.history(pattern, 0, 0)
+            wanted[pattern] = position if after is None else after
+        elif since is None:  # live only: from each known topic's head; new topics from 1
+            for topic in await self.backend.topics(pattern):
+                if topic not in wanted:
+                    _, wanted[topic] = await self.backend.history(topic, 0, 0)
+        complete = True
+        for topic, after in wanted.items():
+            messages, head = await self.backend.history(topic, after, 1)
+            first = messages[0].offset if messages else head + 1
+            if after > head or first > after + 1:
+                complete = False
+            wanted[topic] = min(after, head)
+        self._ids += 1
+        subscription = Subscription(self._ids, pattern, target, wanted, since or 0)
+        self.listeners[pattern].subscriptions.add(subscription)
+        return subscription, position, complete
+
+    def start_pushing(self, subscription: Subscription) -> None:
+        """Replay what the subscription asked for, then go live (call after its answer left)."""
+        self._catch_up(subscription)
+
+    async def unsubscribe(self, subscription: Subscription) -> None:
+        """End a subscription; the backend subscription goes with its last local subscriber."""
+        self._stop(subscription)
+        listener = self.listeners.get(subscription.pattern)
+        if listener is not None and not listener.subscriptions:
+            del self.listeners[subscription.pattern]
+            with contextlib.suppress(Unavailable):
+                await self.backend.unlisten(subscription.pattern)
+
+    def drop(self, subscriptions: Iterable[Subscription]) -> None:
+        """End the subscriptions of a connection that closed (no await: called as it closes)."""
+        for subscription in subscriptions:
+            self._stop(subscription)
+            listener = self.listeners.get(subscription.pattern)
+            if listener is not None and not listener.subscriptions:
+                del self.listeners[subscription.pattern]
+                self._spawn(self._unlisten(subscription.pattern))
+
+    async def _unlisten(self, pattern: str) -> None:
+        if pattern not in self.listeners:  # nobody subscribed again meanwhile
+            with contextlib.suppress(Unavailable):
+                await self.backend.unlisten(pattern)
+
+    def _stop(self, subscription: Subscription) -> None:
+        listener = self.listeners.get(subscription.pattern)
+        if listener is not None:
+            listener.subscriptions.discard(subscription)
+        if subscription.catch_up_task is not None:
+            subscription.catch_up_task.cancel()
+
+    async def _listen(self, pattern: str) -> None:
+        listener = self.listeners.get(pattern)
+        if listener is None:
+            listener = self.listeners[pattern] = Listener(pattern)
+            listener.ready = asyncio.get_running_loop().create_future()
+            try:
+                await self.backend.listen(pattern, lambda message: self._deliver(listener, message))
+            except BaseException as exc:
+                del self.listeners[pattern]
+                listener.ready.set_exception(exc)
+                listener.ready.exception()  # retrieved: other waiters re-raise it
+                raise
+            listener.ready.set_result(None)
+        elif listener.ready is not None and not listener.ready.done():
+            await asyncio.shield(listener.ready)
+
+    # ---- delivering ------------------------------------------------------------------------
+
+    def _deliver(self, listener: Listener, message: Stored) -> None:
+        """Fan one live message out to the listener's subscriptions."""
+        topic, offset = message.topic, message.offset
+        rest = b""
+        for subscription in listener.subscriptions:
+            if subscription.catching_up:
+                heads = subscription.live_heads
+                if offset > heads.get(topic, 0):
+                    heads[topic] = offset
+                continue
+            last = subscription.positions.get(topic, subscription.default_after)
+            if offset <= last:
+                continue  # delivered already (replayed at the seam)
+            if offset > last + 1:  # missed live messages: fetch them from history
+                subscription.positions[topic] = last
+                subscription.live_heads[topic] = offset
+                self._catch_up(subscription)
+                continue
+            if not rest:
+                rest = _encode_rest(message)
+            if subscription.target.push(_message_frame(subscription, rest)):
+                subscription.positions[topic] = offset
+            else:  # over its budget: stop pushing, replay from history once it drained
+                subscription.positions[topic] = last
+                subscription.live_heads[topic] = offset
+                self._catch_up(subscription)
+
+    def _catch_up(self, subscription: Subscription) -> None:
+        subscription.catching_up = True
+        if subscription.catch_up_task is None or subscription.catch_up_task.done():
+            subscription.catch_up_task = self._spawn(self._replay(subscription))
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A task of the broker's own, cancelled and awaited by ``close()``."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("broker task failed", exc_info=task.exception())
+
+    async def _replay(self, subscription: Subscription) -> None:
+        """Push kept messages from the subscription's positions until it meets the live ones.
+
+        The switch back to live happens with no await after the last check, so a message that
+        arrives meanwhile is either in the replay or pushed live, never lost or pushed twice.
+        """
+        delay = 0.05
+        while True:
+            await subscription.target.writable()
+            try:
+                done = await self._replay_once(subscription)
+            except Unavailable as exc:
+                log.info("replay for subscription %d waits: %s", subscription.id, exc.message)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if done and all(
+                subscription.positions.get(topic, 0) >= head
+                for topic, head in subscription.live_heads.items()
+            ):
+                subscription.live_heads.clear()
+                subscription.catching_up = False
+                return
+            if done:  # live is ahead of what history holds yet: let the backend store it
+                await asyncio.sleep(0.01)
+
+    async def _replay_once(self, subscription: Subscription) -> bool:
+        """One pass over the subscription's topics; True once nothing more could be pushed
+        for want of history (as opposed to want of budget)."""
+        if is_wildcard(subscription.pattern):
+            topics = set(await self.backend.topics(subscription.pattern))
+            topics.update(subscription.positions, subscription.live_heads)
+        else:
+            topics = {subscription.pattern}
+        for topic in sorted(topics):
+            after = subscription.positions.get(topic, subscription.default_after)
+            while True:
+                messages, head = await self.backend.history(topic, after, REPLAY_CHUNK)
+                first = messages[0].offset if messages else head + 1
+                if first > after + 1 and head > after:  # history no longer reaches back
+                    if not subscription.target.push(_gap_frame(subscription, topic, after, first)):
+                        return False
+                    after = subscription.positions[topic] = first - 1
+                for message in messages:
+                    if not subscription.target.push(
+                        _message_frame(subscription, _encode_rest(message))
+                    ):
+                        return False
+                    after = subscription.positions[topic] = message.offset
+                if len(messages) < REPLAY_CHUNK:
+                    break
+        return True
+
+    def _resync_all(self) -> None:
+        """After the backend reconnected: replay whatever was published while it was away."""
+        for listener in self.listeners.values():
+            for subscription in listener.subscriptions:
+                self._catch_up(subscription)
+
+
+def _encode_rest(message: Stored) -> bytes:
+    # The three entries of EVENT_MESSAGE after "subscription", shared by every subscriber.
+    return b"".join(
+        (
+            _encode("topic"), _encode(message.topic), _encode("offset"), _encode(message.offset),
+            _encode("data"), _encode(message.data),
+        )
+    )  # fmt: skip
+
+
+def _message_frame(subscription: Subscription, rest: bytes) -> bytes:
+    return _event_frame(PACKAGE.EVENT_MESSAGE, subscription.prefix + rest)
+
+
+def _gap_frame(subscription: Subscription, topic: str, after: int, first: int) -> bytes:
+    body = {"subscription": subscription.id, "topic": topic, "first_missing": after + 1,
+            "last_missing": first - 1}  # fmt: skip
+    return _event_frame(PACKAGE.EVENT_GAP, _encode(body))
+
+
+async def publish(topic: str, data: bytes) -> int:
+    """Publish from an action or hook of the running server; return the message's offset.
+
+    Raises:
+        InvalidArgument: a bad topic or an oversized message.
+        Unavailable: no broker, or it cannot be reached.
+    """
+    broker = current_app().broker
+    if broker is None:
+        raise Unavailable("this server has no broker", hint="set BROKER_URL")
+    return await broker.publish(topic, data)

@@ -1,0 +1,1 @@
+"""Broker backends: one module per ``BROKER_URL`` scheme, each importing its driver lazily."""
