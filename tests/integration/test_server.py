@@ -32,7 +32,7 @@ from package import (
 )
 from protocol import FLAG_COMPRESSED, HEADER, MAGIC, encode_frame
 from server import Server
-from tests.integration.conftest import NO_DATABASE, RawConnection, ServerFactory
+from tests.helpers import NO_DATABASE, RawConnection, running_server, wait_until
 
 
 class SlowEcho:
@@ -64,14 +64,6 @@ def slow_echo(monkeypatch: pytest.MonkeyPatch) -> SlowEcho:
     action = SlowEcho(0.3)
     monkeypatch.setitem(actions.ACTIONS, PACKAGE.REQUEST_ECHO, action)
     return action
-
-
-async def eventually(condition: object, timeout: float = 5.0) -> None:
-    """Wait until ``condition()`` is true; fail after ``timeout`` seconds."""
-    assert callable(condition)
-    async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110 - polls state owned by the server, no event
-            await asyncio.sleep(0.01)
 
 
 # ---- built-in actions ------------------------------------------------------------------------
@@ -189,9 +181,7 @@ async def test_broken_stream_closes_only_that_connection(server: Server, client:
     assert await client.echo("unaffected") == "unaffected"
 
 
-async def test_oversized_header_is_refused_before_the_body(
-    running_server: ServerFactory,
-) -> None:
+async def test_oversized_header_is_refused_before_the_body() -> None:
     async with running_server(max_frame_size=4096) as server:
         raw = await RawConnection.open(server.port)
         await raw.send(HEADER.pack(MAGIC, 1, 0, PACKAGE.REQUEST_ECHO, 1, 0, 1 << 30))
@@ -212,13 +202,11 @@ async def test_client_timeout_is_enforced_by_the_server(
     slow_echo.seconds = 10
     with pytest.raises(DeadlineExceeded, match="0.2 s timeout"):
         await client.request(PACKAGE.REQUEST_ECHO, EchoRequest(text="x"), timeout=0.2)
-    await eventually(lambda: slow_echo.cancelled == 1)
+    await wait_until(lambda: slow_echo.cancelled == 1)
     assert await client.ping() > 0
 
 
-async def test_server_default_timeout_applies(
-    running_server: ServerFactory, slow_echo: SlowEcho
-) -> None:
+async def test_server_default_timeout_applies(slow_echo: SlowEcho) -> None:
     slow_echo.seconds = 10
     async with running_server(request_timeout=0.2) as server:
         async with Client("127.0.0.1", server.port, timeout=None) as client:
@@ -233,17 +221,15 @@ async def test_disconnect_cancels_running_actions(server: Server, slow_echo: Slo
         asyncio.create_task(client.request(PACKAGE.REQUEST_ECHO, EchoRequest(text="x")))
         for _ in range(3)
     ]
-    await eventually(lambda: slow_echo.running == 3)
+    await wait_until(lambda: slow_echo.running == 3)
     await client.close()
     for task in pending:
         with pytest.raises(ConnectionClosed):
             await task
-    await eventually(lambda: slow_echo.cancelled == 3)
+    await wait_until(lambda: slow_echo.cancelled == 3)
 
 
-async def test_in_flight_cap_holds_back_without_refusing(
-    running_server: ServerFactory, slow_echo: SlowEcho
-) -> None:
+async def test_in_flight_cap_holds_back_without_refusing(slow_echo: SlowEcho) -> None:
     slow_echo.seconds = 0.05
     async with running_server(max_in_flight=2) as server:
         async with Client("127.0.0.1", server.port) as client:
@@ -254,7 +240,7 @@ async def test_in_flight_cap_holds_back_without_refusing(
     assert slow_echo.most_running == 2
 
 
-async def test_connection_limit_refuses_with_a_reason(running_server: ServerFactory) -> None:
+async def test_connection_limit_refuses_with_a_reason() -> None:
     async with running_server(max_connections=2) as server:
         async with (
             Client("127.0.0.1", server.port) as first,
@@ -267,7 +253,7 @@ async def test_connection_limit_refuses_with_a_reason(running_server: ServerFact
             assert await first.ping() > 0 and await second.ping() > 0
 
 
-async def test_idle_and_half_sent_frames_are_closed(running_server: ServerFactory) -> None:
+async def test_idle_and_half_sent_frames_are_closed() -> None:
     async with running_server(idle_timeout=0.3, frame_timeout=0.3) as server:
         idle = await RawConnection.open(server.port)
         half = await RawConnection.open(server.port)
@@ -285,16 +271,14 @@ GOLDEN_HALF_FRAME = encode_frame(PACKAGE.REQUEST_ECHO, 1, b"\x81\xa4text\xa2hi")
 # ---- shutdown -------------------------------------------------------------------------------
 
 
-async def test_graceful_shutdown_answers_every_request_in_flight(
-    running_server: ServerFactory, slow_echo: SlowEcho
-) -> None:
+async def test_graceful_shutdown_answers_every_request_in_flight(slow_echo: SlowEcho) -> None:
     async with running_server() as server:
         client = await Client("127.0.0.1", server.port).connect()
         pending = [
             asyncio.create_task(client.request(PACKAGE.REQUEST_ECHO, EchoRequest(text=str(i))))
             for i in range(20)
         ]
-        await eventually(lambda: slow_echo.running == 20)
+        await wait_until(lambda: slow_echo.running == 20)
         await server.shutdown()
         answers = await asyncio.gather(*pending)
         assert [a.text for a in answers if isinstance(a, EchoAnswer)] == [str(i) for i in range(20)]
@@ -304,9 +288,7 @@ async def test_graceful_shutdown_answers_every_request_in_flight(
     assert slow_echo.finished == 20
 
 
-async def test_shutdown_grace_ends_with_unavailable_not_a_hang(
-    running_server: ServerFactory, slow_echo: SlowEcho
-) -> None:
+async def test_shutdown_grace_ends_with_unavailable_not_a_hang(slow_echo: SlowEcho) -> None:
     slow_echo.seconds = 30
     async with running_server(shutdown_timeout=0.2) as server:
         client = await Client("127.0.0.1", server.port).connect()
@@ -314,7 +296,7 @@ async def test_shutdown_grace_ends_with_unavailable_not_a_hang(
             asyncio.create_task(client.request(PACKAGE.REQUEST_ECHO, EchoRequest(text="x")))
             for _ in range(5)
         ]
-        await eventually(lambda: slow_echo.running == 5)
+        await wait_until(lambda: slow_echo.running == 5)
         async with asyncio.timeout(5):
             await server.shutdown()
         for task in pending:
@@ -325,7 +307,7 @@ async def test_shutdown_grace_ends_with_unavailable_not_a_hang(
     assert asyncio.all_tasks() == {asyncio.current_task()}
 
 
-async def test_hooks_run_once_each(running_server: ServerFactory) -> None:
+async def test_hooks_run_once_each() -> None:
     events: list[str] = []
 
     async def on_connect(ctx: Context) -> None:
