@@ -47,6 +47,7 @@ def test_walkthrough_adds_a_working_action(tmp_path: Path) -> None:
     project.mkdir()
     for source in ROOT.glob("*.py"):
         shutil.copy(source, project)
+    shutil.copytree(ROOT / "pyasync", project / "pyasync")  # internals the faces import
     apply_walkthrough(project)
     untouched = (ROOT / "client.py").read_bytes()
     assert (project / "client.py").read_bytes() == untouched  # no client change needed
