@@ -35,6 +35,7 @@ from tests.helpers import (
     require_reachable,
     running_server,
     settings_for,
+    wait_until,
 )
 
 
@@ -226,8 +227,9 @@ async def test_cut_and_stalled_connections_are_discarded(
     await require_reachable(settings)
     async with proxied(settings) as (proxy, through), running_server(db_settings=through) as server:
         async with Client("127.0.0.1", server.port, timeout=10) as client:
+            sent = proxy.forwarded
             running_query = asyncio.create_task(get(client, "5"))
-            await asyncio.sleep(0.2)
+            await wait_until(lambda: proxy.forwarded > sent)  # the query reached the database
             proxy.cut()
             async with asyncio.timeout(3):
                 with pytest.raises(Unavailable, match="lost the database connection"):

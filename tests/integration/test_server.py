@@ -348,9 +348,10 @@ async def test_a_client_that_does_not_read_is_held_back_not_buffered(
     total = 200  # 50 MiB of answers
     frames = [encode_frame(PACKAGE.REQUEST_ECHO, i, request) for i in range(1, total + 1)]
     sender = asyncio.create_task(raw.send(b"".join(frames)))
-    await asyncio.sleep(1.0)
-    assert not sender.done()  # the server stopped reading, so the client cannot send it all
+    await wait_until(lambda: any(c.is_write_paused for c in server.connections))
     (connection,) = server.connections
+    assert connection.is_read_paused  # its answers back up, so it stops taking requests
+    assert not sender.done()  # and the client cannot send it all
     assert connection.transport is not None
     assert connection.transport.get_write_buffer_size() < 4 * 1024 * 1024
     seen = set()
