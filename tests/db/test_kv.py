@@ -158,7 +158,7 @@ async def test_db_info_and_server_info(kv_client: Client, db_settings: DatabaseS
     assert "db_password" not in server_info.config and "db_url" not in server_info.config
 
 
-async def test_no_database_configured_answers_unavailable_with_the_fix(tmp_path: Path) -> None:
+async def test_no_database_configured_answers_unavailable_with_the_fix() -> None:
     async with running_server(db_settings=DatabaseSettings(db_backend="NONE")) as server:
         async with Client("127.0.0.1", server.port) as client:
             with pytest.raises(Unavailable, match="no database is configured") as raised:

@@ -64,7 +64,7 @@ async def test_plain_client_against_tls_server_fails_cleanly(tls_files: dict[str
                 await client.request(PACKAGE.REQUEST_PING, timeout=5)
 
 
-async def test_tls_client_against_plain_server_fails(server: object, ca: trustme.CA) -> None:
+async def test_tls_client_against_plain_server_fails(ca: trustme.CA) -> None:
     async with running_server() as plain:
         context = ssl.create_default_context()
         ca.configure_trust(context)
