@@ -310,6 +310,38 @@ async def test_shutdown_grace_ends_with_unavailable_not_a_hang(slow_echo: SlowEc
     assert asyncio.all_tasks() == {asyncio.current_task()}
 
 
+async def test_a_request_waiting_at_shutdown_is_answered_unavailable(slow_echo: SlowEcho) -> None:
+    """Shutdown lets the running request finish and refuses the one received behind it.
+
+    A request sent after shutdown began is never read (the server stops reading), so the one
+    refused here arrived with the running one and waited for the in-flight cap.
+    """
+    slow_echo.seconds = 1.0
+    echo = [
+        encode_frame(PACKAGE.REQUEST_ECHO, i, pack(PACKAGE.REQUEST_ECHO, EchoRequest(text=str(i))))
+        for i in (1, 2)
+    ]
+    async with running_server(max_in_flight=1) as server:
+        raw = await RawConnection.open(server.port)
+        await raw.send(b"".join(echo))  # one write: both are received at once
+        await wait_until(lambda: slow_echo.running == 1)
+        shutdown = asyncio.create_task(server.shutdown())
+        await wait_until(lambda: server.is_shutting_down)
+        answered = await raw.read_frame()
+        assert answered is not None and answered.request_id == 1
+        assert unpack(PACKAGE.ANSWER_ECHO, answered.body) == EchoAnswer(text="1")
+        refused = await raw.read_frame()
+        assert refused is not None and refused.request_id == 2
+        assert refused.kind == PACKAGE.ANSWER_ERROR
+        error = unpack(PACKAGE.ANSWER_ERROR, refused.body)
+        assert isinstance(error, ErrorAnswer) and error.code == ErrorCode.UNAVAILABLE
+        assert "shutting down" in error.message
+        assert await raw.read_frame() is None  # closed once nothing runs
+        await shutdown
+        await raw.close()
+    assert slow_echo.finished == 1 and slow_echo.most_running == 1
+
+
 async def test_hooks_run_once_each() -> None:
     events: list[str] = []
 
