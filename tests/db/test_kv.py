@@ -118,6 +118,7 @@ async def test_list_pages_through_a_prefix_in_byte_order(kv_client: Client) -> N
     assert seen == keys
 
 
+@pytest.mark.slow
 async def test_no_lost_updates_under_concurrent_compare_and_set(
     db_settings: DatabaseSettings,
 ) -> None:
@@ -191,6 +192,7 @@ def slow_query_action(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(actions.ACTIONS, PACKAGE.REQUEST_KV_GET, slow)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", REMOTE)
 async def test_unreachable_at_startup_then_back_without_restart(
     backend: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -218,6 +220,7 @@ async def test_unreachable_at_startup_then_back_without_restart(
     await drop_table(settings)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", REMOTE)
 async def test_cut_and_stalled_connections_are_discarded(
     backend: str, tmp_path: Path, slow_query_action: None
@@ -248,6 +251,7 @@ async def test_cut_and_stalled_connections_are_discarded(
             assert isinstance(info, DbInfoAnswer) and info.pool_in_use == 0
 
 
+@pytest.mark.slow
 async def test_a_thousand_cancelled_queries_leave_the_pool_clean(
     db_settings: DatabaseSettings, slow_query_action: None
 ) -> None:
