@@ -1,18 +1,18 @@
-"""Shared test set-up: markers from folders, and a guard against unhandled event-loop errors."""
+"""Shared test set-up: markers from folders, and a guard against unhandled event-loop errors.
+
+Helpers live in ``tests/helpers.py`` (which also says how to skip the slow tests locally).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # the project's modules live at the top of the repository
-    sys.path.insert(0, str(ROOT))
+from tests.helpers import ROOT
 
 LAYERS = ("unit", "integration", "db", "e2e")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -28,7 +29,14 @@ from package import (
 )
 from pyasync.router import ROUTER, make_route
 from server_config import DatabaseSettings
-from tests.db.conftest import drop_table, proxied, require_reachable, running, settings_for
+from tests.helpers import (
+    drop_table,
+    proxied,
+    require_reachable,
+    running_server,
+    settings_for,
+    wait_until,
+)
 
 
 async def put(client: Client, key: str, value: bytes, expected: int | None = None) -> int:
@@ -110,11 +118,12 @@ async def test_list_pages_through_a_prefix_in_byte_order(kv_client: Client) -> N
     assert seen == keys
 
 
+@pytest.mark.slow
 async def test_no_lost_updates_under_concurrent_compare_and_set(
     db_settings: DatabaseSettings,
 ) -> None:
     """200 compare-and-set increments from 20 clients on one key end at exactly 200."""
-    async with running(db_settings) as server:
+    async with running_server(db_settings=db_settings) as server:
 
         async def increment_ten_times() -> int:
             conflicts = 0
@@ -150,8 +159,8 @@ async def test_db_info_and_server_info(kv_client: Client, db_settings: DatabaseS
     assert "db_password" not in server_info.config and "db_url" not in server_info.config
 
 
-async def test_no_database_configured_answers_unavailable_with_the_fix(tmp_path: object) -> None:
-    async with running(DatabaseSettings(db_backend="NONE")) as server:
+async def test_no_database_configured_answers_unavailable_with_the_fix() -> None:
+    async with running_server(db_settings=DatabaseSettings(db_backend="NONE")) as server:
         async with Client("127.0.0.1", server.port) as client:
             with pytest.raises(Unavailable, match="no database is configured") as raised:
                 await get(client, "k")
@@ -185,16 +194,17 @@ def slow_query_action(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", REMOTE)
 async def test_unreachable_at_startup_then_back_without_restart(
-    backend: str, tmp_path: object, caplog: pytest.LogCaptureFixture
+    backend: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = settings_for(backend, tmp_path)
 
     await require_reachable(settings)
     async with proxied(settings) as (proxy, through):
         proxy.refuse()
-        async with running(through) as server:
+        async with running_server(db_settings=through) as server:
             assert "database not reachable at start-up" in caplog.text
             async with Client("127.0.0.1", server.port) as client:
                 assert await client.ping() > 0
@@ -212,17 +222,19 @@ async def test_unreachable_at_startup_then_back_without_restart(
     await drop_table(settings)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", REMOTE)
 async def test_cut_and_stalled_connections_are_discarded(
-    backend: str, tmp_path: object, slow_query_action: None
+    backend: str, tmp_path: Path, slow_query_action: None
 ) -> None:
 
     settings = settings_for(backend, tmp_path, db_query_timeout=0.5, db_connect_timeout=1.0)
     await require_reachable(settings)
-    async with proxied(settings) as (proxy, through), running(through) as server:
+    async with proxied(settings) as (proxy, through), running_server(db_settings=through) as server:
         async with Client("127.0.0.1", server.port, timeout=10) as client:
+            sent = proxy.forwarded
             running_query = asyncio.create_task(get(client, "5"))
-            await asyncio.sleep(0.2)
+            await wait_until(lambda: proxy.forwarded > sent)  # the query reached the database
             proxy.cut()
             async with asyncio.timeout(3):
                 with pytest.raises(Unavailable, match="lost the database connection"):
@@ -241,11 +253,12 @@ async def test_cut_and_stalled_connections_are_discarded(
             assert isinstance(info, DbInfoAnswer) and info.pool_in_use == 0
 
 
+@pytest.mark.slow
 async def test_a_thousand_cancelled_queries_leave_the_pool_clean(
     db_settings: DatabaseSettings, slow_query_action: None
 ) -> None:
     """Client timeouts cancel running queries; the pool ends idle and the next query works."""
-    async with running(db_settings) as server:
+    async with running_server(db_settings=db_settings) as server:
         async with Client("127.0.0.1", server.port) as client:
             cancelled = 0
             others: list[object] = []

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import ROOT, clean_env, start_server
+from tests.helpers import ROOT, clean_env, start_server_process
 
 BRIEF = ["--warmup", "0.2", "--duration", "0.5"]
 
@@ -47,7 +47,9 @@ def run_loadgen(binary: Path, port: int, *args: str) -> dict[str, Any]:
 def test_loadgen_echoes_small_and_large_bodies_through_the_server(
     loadgen: Path, tmp_path: Path
 ) -> None:
-    server = start_server(tmp_path, env=clean_env(COMPRESSION_THRESHOLD="0", DB_BACKEND="none"))
+    server = start_server_process(
+        tmp_path, env=clean_env(COMPRESSION_THRESHOLD="0", DB_BACKEND="none")
+    )
     try:
         small = run_loadgen(loadgen, server.port, "--proto", "pyasync", "--connections", "4",
                             "--inflight", "8", "--size", "32")  # fmt: skip
@@ -86,7 +88,7 @@ def test_loadgen_reads_keys_through_the_server(loadgen: Path, tmp_path: Path) ->
         check=True, timeout=60,
     )  # fmt: skip
     env = clean_env(DB_BACKEND="sqlite", SQLITE_PATH=database, KV_TABLE="bench_kv")
-    server = start_server(tmp_path, env=env)
+    server = start_server_process(tmp_path, env=env)
     try:
         result = run_loadgen(loadgen, server.port, "--proto", "pyasync", "--keys", "10000",
                              "--connections", "2", "--inflight", "4", "--size", "0")  # fmt: skip

@@ -10,11 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import ServerProcess, clean_env, run_client, run_server, start_server
+from tests.helpers import (
+    ServerProcess,
+    clean_env,
+    run_client_program,
+    run_server_program,
+    start_server_process,
+)
 
 
 def client(server: ServerProcess, *args: str, cwd: Path) -> tuple[int, str, str]:
-    result = run_client("--port", str(server.port), *args, cwd=cwd)
+    result = run_client_program("--port", str(server.port), *args, cwd=cwd)
     return result.returncode, result.stdout, result.stderr
 
 
@@ -64,33 +70,33 @@ def test_nothing_listening_is_one_line_and_exit_69(tmp_path: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    result = run_client("--port", str(port), "ping", cwd=tmp_path)
+    result = run_client_program("--port", str(port), "ping", cwd=tmp_path)
     assert result.returncode == 69
     assert result.stderr.count("\n") == 1 and "is the server running?" in result.stderr
     assert "refused" in result.stderr
 
 
 def test_bad_configuration_stops_the_server_with_one_line(tmp_path: Path) -> None:
-    result = run_server(tmp_path, env=clean_env(PORT="abc"))
+    result = run_server_program(tmp_path, env=clean_env(PORT="abc"))
     assert result.returncode == 78
     assert result.stderr == "error: PORT must be a whole number, got 'abc' (from environment)\n"
     missing = clean_env(
         ENABLE_TLS="true", TLS_CERT_FILE=str(tmp_path / "nope.pem"), TLS_KEY_FILE="key.pem"
     )
-    result = run_server(tmp_path, env=missing)
+    result = run_server_program(tmp_path, env=missing)
     assert result.returncode == 78 and result.stderr.count("\n") == 1
     assert "TLS_CERT_FILE" in result.stderr and "cannot be read" in result.stderr
 
 
 def test_dotenv_is_read_and_environment_wins(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("COMPRESSION_LEVEL=99\nLOG_LEVEL=WARNING\n")
-    result = run_server(tmp_path)
+    result = run_server_program(tmp_path)
     assert result.returncode == 78 and "COMPRESSION_LEVEL" in result.stderr
     assert "(from .env)" in result.stderr
     env = clean_env(COMPRESSION_LEVEL="3", LOG_LEVEL="INFO")
-    server = start_server(tmp_path, env=env)
+    server = start_server_process(tmp_path, env=env)
     try:
-        answer = run_client("--port", str(server.port), "info", cwd=tmp_path, env=env)
+        answer = run_client_program("--port", str(server.port), "info", cwd=tmp_path, env=env)
         info = json.loads(answer.stdout)
         assert info["config"]["compression_level"] == 3
         assert info["config"]["log_level"] == "INFO"
@@ -100,20 +106,20 @@ def test_dotenv_is_read_and_environment_wins(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_tls_end_to_end_with_make_cert(tmp_path: Path) -> None:
-    made = run_server(tmp_path, "--make-cert", "certs")
+    made = run_server_program(tmp_path, "--make-cert", "certs")
     assert made.returncode == 0, made.stderr
     cert, key = tmp_path / "certs" / "cert.pem", tmp_path / "certs" / "key.pem"
     assert cert.is_file() and key.is_file()
     env = clean_env(ENABLE_TLS="true", TLS_CERT_FILE=str(cert), TLS_KEY_FILE=str(key))
-    server = start_server(tmp_path, env=env)
+    server = start_server_process(tmp_path, env=env)
     try:
         port = str(server.port)
-        ok = run_client("--port", port, "--cafile", str(cert), "ping", cwd=tmp_path)
+        ok = run_client_program("--port", port, "--cafile", str(cert), "ping", cwd=tmp_path)
         assert ok.returncode == 0 and ok.stdout.startswith("pong")
-        plain = run_client("--port", port, "ping", cwd=tmp_path)
+        plain = run_client_program("--port", port, "ping", cwd=tmp_path)
         assert plain.returncode != 0 and plain.stderr.count("\n") == 1
         assert "TLS" in plain.stderr
-        unverified = run_client("--port", port, "--tls", "ping", cwd=tmp_path)
+        unverified = run_client_program("--port", port, "--tls", "ping", cwd=tmp_path)
         assert unverified.returncode == 76 and "certificate" in unverified.stderr
     finally:
         assert server.stop() == 0

@@ -7,7 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
-from tests.e2e.conftest import ROOT, run_client, start_server
+from tests.helpers import ROOT, run_client_program, start_server_process
 
 MARKER = re.compile(r"<!-- walkthrough: (?P<place>[^>]+?) -->\s*```python\n(?P<code>.*?)```", re.S)
 ENUM_MEMBER = re.compile(r"^    [A-Z_]+ = \d+\n", re.M)
@@ -47,13 +47,13 @@ def test_walkthrough_adds_a_working_action(tmp_path: Path) -> None:
     project.mkdir()
     for source in ROOT.glob("*.py"):
         shutil.copy(source, project)
-    shutil.copytree(ROOT / "pyasync", project / "pyasync")
+    shutil.copytree(ROOT / "pyasync", project / "pyasync")  # internals the faces import
     apply_walkthrough(project)
     untouched = (ROOT / "client.py").read_bytes()
     assert (project / "client.py").read_bytes() == untouched  # no client change needed
-    server = start_server(project, program=project / "server.py")
+    server = start_server_process(project, program=project / "server.py")
     try:
-        result = run_client(
+        result = run_client_program(
             "--port",
             str(server.port),
             "call",

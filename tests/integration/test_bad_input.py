@@ -28,7 +28,7 @@ from package import (
 from protocol import encode_frame
 from pyasync.router import ROUTER, make_route
 from server import Server
-from tests.integration.conftest import RawConnection, ServerFactory
+from tests.helpers import RawConnection, running_server
 
 
 def error_of(frame: Any) -> ErrorAnswer:
@@ -113,7 +113,7 @@ async def test_a_request_id_may_be_reused_once_answered(raw: RawConnection) -> N
 
 
 async def test_an_answer_above_the_frame_limit_fails_that_request_alone(
-    running_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def huge(request: EchoRequest, ctx: Context) -> EchoAnswer:
         return EchoAnswer(data=bytes(8192) if request.text == "big" else b"ok")

@@ -32,7 +32,7 @@ from package import (
 from protocol import FLAG_COMPRESSED, HEADER, MAGIC, encode_frame
 from pyasync.router import ROUTER, make_route
 from server import Server
-from tests.integration.conftest import NO_DATABASE, RawConnection, ServerFactory
+from tests.helpers import NO_DATABASE, RawConnection, running_server, wait_until
 
 
 class SlowEcho:
@@ -66,14 +66,6 @@ def slow_echo(monkeypatch: pytest.MonkeyPatch) -> SlowEcho:
         ROUTER.routes, PACKAGE.REQUEST_ECHO, make_route(PACKAGE.REQUEST_ECHO, action)
     )
     return action
-
-
-async def eventually(condition: object, timeout: float = 5.0) -> None:
-    """Wait until ``condition()`` is true; fail after ``timeout`` seconds."""
-    assert callable(condition)
-    async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110 - polls state owned by the server, no event
-            await asyncio.sleep(0.01)
 
 
 # ---- built-in actions ------------------------------------------------------------------------
@@ -193,9 +185,7 @@ async def test_broken_stream_closes_only_that_connection(server: Server, client:
     assert await client.echo("unaffected") == "unaffected"
 
 
-async def test_oversized_header_is_refused_before_the_body(
-    running_server: ServerFactory,
-) -> None:
+async def test_oversized_header_is_refused_before_the_body() -> None:
     async with running_server(max_frame_size=4096) as server:
         raw = await RawConnection.open(server.port)
         await raw.send(HEADER.pack(MAGIC, 1, 0, PACKAGE.REQUEST_ECHO, 1, 0, 1 << 30))
@@ -216,13 +206,11 @@ async def test_client_timeout_is_enforced_by_the_server(
     slow_echo.seconds = 10
     with pytest.raises(DeadlineExceeded, match="0.2 s timeout"):
         await client.request(PACKAGE.REQUEST_ECHO, EchoRequest(text="x"), timeout=0.2)
-    await eventually(lambda: slow_echo.cancelled == 1)
+    await wait_until(lambda: slow_echo.cancelled == 1)
     assert await client.ping() > 0
 
 
-async def test_server_default_timeout_applies(
-    running_server: ServerFactory, slow_echo: SlowEcho
-) -> None:
+async def test_server_default_timeout_applies(slow_echo: SlowEcho) -> None:
     slow_echo.seconds = 10
     async with running_server(request_timeout=0.2) as server:
         async with Client("127.0.0.1", server.port, timeout=None) as client:
@@ -237,17 +225,15 @@ async def test_disconnect_cancels_running_actions(server: Server, slow_echo: Slo
         asyncio.create_task(client.request(PACKAGE.REQUEST_ECHO, EchoRequest(text="x")))
         for _ in range(3)
     ]
-    await eventually(lambda: slow_echo.running == 3)
+    await wait_until(lambda: slow_echo.running == 3)
     await client.close()
     for task in pending:
         with pytest.raises(ConnectionClosed):
             await task
-    await eventually(lambda: slow_echo.cancelled == 3)
+    await wait_until(lambda: slow_echo.cancelled == 3)
 
 
-async def test_in_flight_cap_holds_back_without_refusing(
-    running_server: ServerFactory, slow_echo: SlowEcho
-) -> None:
+async def test_in_flight_cap_holds_back_without_refusing(slow_echo: SlowEcho) -> None:
     slow_echo.seconds = 0.05
     async with running_server(max_in_flight=2) as server:
         async with Client("127.0.0.1", server.port) as client:
@@ -258,7 +244,7 @@ async def test_in_flight_cap_holds_back_without_refusing(
     assert slow_echo.most_running == 2
 
 
-async def test_connection_limit_refuses_with_a_reason(running_server: ServerFactory) -> None:
+async def test_connection_limit_refuses_with_a_reason() -> None:
     async with running_server(max_connections=2) as server:
         async with (
             Client("127.0.0.1", server.port) as first,
@@ -271,15 +257,18 @@ async def test_connection_limit_refuses_with_a_reason(running_server: ServerFact
             assert await first.ping() > 0 and await second.ping() > 0
 
 
-async def test_idle_and_half_sent_frames_are_closed(running_server: ServerFactory) -> None:
-    async with running_server(idle_timeout=0.3, frame_timeout=0.3) as server:
+async def test_idle_connections_are_closed() -> None:
+    async with running_server(idle_timeout=0.3) as server:
         idle = await RawConnection.open(server.port)
+        assert await idle.read_frame(timeout=3) is None
+        await idle.close()
+
+
+async def test_half_sent_frames_are_closed_long_before_the_idle_timeout() -> None:
+    async with running_server(idle_timeout=60, frame_timeout=0.3) as server:
         half = await RawConnection.open(server.port)
         await half.send(GOLDEN_HALF_FRAME)
-        async with asyncio.timeout(3):
-            assert await idle.read_frame() is None
-            assert await half.read_frame() is None
-        await idle.close()
+        assert await half.read_frame(timeout=3) is None
         await half.close()
 
 
@@ -289,16 +278,14 @@ GOLDEN_HALF_FRAME = encode_frame(PACKAGE.REQUEST_ECHO, 1, b"\x81\xa4text\xa2hi")
 # ---- shutdown -------------------------------------------------------------------------------
 
 
-async def test_graceful_shutdown_answers_every_request_in_flight(
-    running_server: ServerFactory, slow_echo: SlowEcho
-) -> None:
+async def test_graceful_shutdown_answers_every_request_in_flight(slow_echo: SlowEcho) -> None:
     async with running_server() as server:
         client = await Client("127.0.0.1", server.port).connect()
         pending = [
             asyncio.create_task(client.request(PACKAGE.REQUEST_ECHO, EchoRequest(text=str(i))))
             for i in range(20)
         ]
-        await eventually(lambda: slow_echo.running == 20)
+        await wait_until(lambda: slow_echo.running == 20)
         await server.shutdown()
         answers = await asyncio.gather(*pending)
         assert [a.text for a in answers if isinstance(a, EchoAnswer)] == [str(i) for i in range(20)]
@@ -308,9 +295,7 @@ async def test_graceful_shutdown_answers_every_request_in_flight(
     assert slow_echo.finished == 20
 
 
-async def test_shutdown_grace_ends_with_unavailable_not_a_hang(
-    running_server: ServerFactory, slow_echo: SlowEcho
-) -> None:
+async def test_shutdown_grace_ends_with_unavailable_not_a_hang(slow_echo: SlowEcho) -> None:
     slow_echo.seconds = 30
     async with running_server(shutdown_timeout=0.2) as server:
         client = await Client("127.0.0.1", server.port).connect()
@@ -318,7 +303,7 @@ async def test_shutdown_grace_ends_with_unavailable_not_a_hang(
             asyncio.create_task(client.request(PACKAGE.REQUEST_ECHO, EchoRequest(text="x")))
             for _ in range(5)
         ]
-        await eventually(lambda: slow_echo.running == 5)
+        await wait_until(lambda: slow_echo.running == 5)
         async with asyncio.timeout(5):
             await server.shutdown()
         for task in pending:
@@ -329,7 +314,39 @@ async def test_shutdown_grace_ends_with_unavailable_not_a_hang(
     assert asyncio.all_tasks() == {asyncio.current_task()}
 
 
-async def test_hooks_run_once_each(running_server: ServerFactory) -> None:
+async def test_a_request_waiting_at_shutdown_is_answered_unavailable(slow_echo: SlowEcho) -> None:
+    """Shutdown lets the running request finish and refuses the one received behind it.
+
+    A request sent after shutdown began is never read (the server stops reading), so the one
+    refused here arrived with the running one and waited for the in-flight cap.
+    """
+    slow_echo.seconds = 1.0
+    echo = [
+        encode_frame(PACKAGE.REQUEST_ECHO, i, pack(PACKAGE.REQUEST_ECHO, EchoRequest(text=str(i))))
+        for i in (1, 2)
+    ]
+    async with running_server(max_in_flight=1) as server:
+        raw = await RawConnection.open(server.port)
+        await raw.send(b"".join(echo))  # one write: both are received at once
+        await wait_until(lambda: slow_echo.running == 1)
+        shutdown = asyncio.create_task(server.shutdown())
+        await wait_until(lambda: server.is_shutting_down)
+        answered = await raw.read_frame()
+        assert answered is not None and answered.request_id == 1
+        assert unpack(PACKAGE.ANSWER_ECHO, answered.body) == EchoAnswer(text="1")
+        refused = await raw.read_frame()
+        assert refused is not None and refused.request_id == 2
+        assert refused.kind == PACKAGE.ANSWER_ERROR
+        error = unpack(PACKAGE.ANSWER_ERROR, refused.body)
+        assert isinstance(error, ErrorAnswer) and error.code == ErrorCode.UNAVAILABLE
+        assert "shutting down" in error.message
+        assert await raw.read_frame() is None  # closed once nothing runs
+        await shutdown
+        await raw.close()
+    assert slow_echo.finished == 1 and slow_echo.most_running == 1
+
+
+async def test_hooks_run_once_each() -> None:
     events: list[str] = []
 
     async def on_connect(ctx: Context) -> None:
@@ -370,9 +387,10 @@ async def test_a_client_that_does_not_read_is_held_back_not_buffered(
     total = 200  # 50 MiB of answers
     frames = [encode_frame(PACKAGE.REQUEST_ECHO, i, request) for i in range(1, total + 1)]
     sender = asyncio.create_task(raw.send(b"".join(frames)))
-    await asyncio.sleep(1.0)
-    assert not sender.done()  # the server stopped reading, so the client cannot send it all
+    await wait_until(lambda: any(c.is_write_paused for c in server.connections))
     (connection,) = server.connections
+    assert connection.is_read_paused  # its answers back up, so it stops taking requests
+    assert not sender.done()  # and the client cannot send it all
     assert connection.transport is not None
     assert connection.transport.get_write_buffer_size() < 4 * 1024 * 1024
     seen = set()

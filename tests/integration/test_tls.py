@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -15,7 +16,7 @@ from context import Context
 from package import PACKAGE, EchoAnswer, EchoRequest
 from pyasync.router import ROUTER, make_route
 from pyasync.tls import build_server_ssl_context
-from tests.integration.conftest import RawConnection, ServerFactory
+from tests.helpers import RawConnection, running_server
 from utils import resolve_client_ssl_context
 
 
@@ -25,7 +26,7 @@ def ca() -> trustme.CA:
 
 
 @pytest.fixture
-def tls_files(ca: trustme.CA, tmp_path: Path) -> dict[str, str]:
+def tls_files(ca: trustme.CA, tmp_path: Path) -> dict[str, Any]:
     """Settings for a TLS server whose certificate names 127.0.0.1 and localhost."""
     cert = ca.issue_cert("127.0.0.1", "localhost")
     cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
@@ -39,7 +40,7 @@ def tls_files(ca: trustme.CA, tmp_path: Path) -> dict[str, str]:
 
 
 async def test_requests_over_tls_see_the_session(
-    running_server: ServerFactory, tls_files: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    tls_files: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def tls_version(request: EchoRequest, ctx: Context) -> EchoAnswer:
         assert ctx.tls is not None
@@ -57,9 +58,7 @@ async def test_requests_over_tls_see_the_session(
             assert await client.ping() > 0
 
 
-async def test_plain_client_against_tls_server_fails_cleanly(
-    running_server: ServerFactory, tls_files: dict[str, str]
-) -> None:
+async def test_plain_client_against_tls_server_fails_cleanly(tls_files: dict[str, Any]) -> None:
     tls_files.pop("ca")
     async with running_server(enable_tls=True, **tls_files) as server:
         async with Client("127.0.0.1", server.port, connect_timeout=2) as client:
@@ -67,9 +66,7 @@ async def test_plain_client_against_tls_server_fails_cleanly(
                 await client.request(PACKAGE.REQUEST_PING, timeout=5)
 
 
-async def test_tls_client_against_plain_server_fails(
-    server: object, ca: trustme.CA, running_server: ServerFactory
-) -> None:
+async def test_tls_client_against_plain_server_fails(ca: trustme.CA) -> None:
     async with running_server() as plain:
         context = ssl.create_default_context()
         ca.configure_trust(context)
@@ -77,9 +74,7 @@ async def test_tls_client_against_plain_server_fails(
             await Client("127.0.0.1", plain.port, ssl=context, connect_timeout=5).connect()
 
 
-async def test_wrong_ca_fails_the_certificate_check(
-    running_server: ServerFactory, tls_files: dict[str, str]
-) -> None:
+async def test_wrong_ca_fails_the_certificate_check(tls_files: dict[str, Any]) -> None:
     tls_files.pop("ca")
     async with running_server(enable_tls=True, **tls_files) as server:
         stranger = ssl.create_default_context()
@@ -89,7 +84,7 @@ async def test_wrong_ca_fails_the_certificate_check(
 
 
 async def test_silent_tcp_client_is_dropped_after_the_handshake_timeout(
-    running_server: ServerFactory, tls_files: dict[str, str]
+    tls_files: dict[str, Any],
 ) -> None:
     tls_files.pop("ca")
     async with running_server(enable_tls=True, tls_handshake_timeout=0.3, **tls_files) as server:
@@ -112,7 +107,7 @@ def test_missing_certificate_stops_startup_with_one_line(tmp_path: Path) -> None
 
 
 async def test_client_certificates_when_required(
-    running_server: ServerFactory, ca: trustme.CA, tls_files: dict[str, str], tmp_path: Path
+    ca: trustme.CA, tls_files: dict[str, Any], tmp_path: Path
 ) -> None:
     ca_file = tls_files.pop("ca")
     client_cert = ca.issue_cert("client@example.test")

@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from pyasync import deadlines
-from pyasync.deadlines import TICK, within
+from pyasync.deadlines import TICK, Scope, within
+from tests.helpers import wait_until
 
 
 async def test_a_block_past_its_deadline_raises_timeout_error() -> None:
@@ -38,16 +39,22 @@ async def test_nested_blocks_expire_separately() -> None:
 
 
 async def test_a_cancel_from_outside_stays_a_cancel() -> None:
+    entered: list[Scope] = []
+
     async def sleeper() -> None:
-        async with within(0.05):
+        async with within(0.05) as scope:
+            entered.append(scope)
             await asyncio.sleep(10)
 
     task = asyncio.create_task(sleeper())
-    await asyncio.sleep(0.01)
+    await wait_until(lambda: entered)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.sleep(0.05 + TICK)  # the deadline passes with nothing left to cancel
+    clock = deadlines._clocks[asyncio.get_running_loop()]
+    await wait_until(lambda: clock.timer is None)  # the deadline passed and its timer fired
+    assert not entered[0].expired  # it found the block gone and cancelled nothing
+    assert not clock.heap and clock.live == 0
 
 
 async def test_finished_scopes_do_not_pile_up() -> None:

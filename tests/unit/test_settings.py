@@ -12,7 +12,7 @@ import config
 import package
 import server_config
 from config import ConfigError, Settings, load_settings
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from utils import describe_error
 
 
