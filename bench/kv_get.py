@@ -51,11 +51,12 @@ async def fill(settings: DatabaseSettings) -> None:
             warnings.simplefilter("ignore")
             for statement in actions.KV_SCHEMA[db.backend]:
                 await db.execute(statement.format(table=TABLE))
-        await db.execute(f"DELETE FROM {TABLE}")
-        await db.executemany(
-            f"INSERT INTO {TABLE} (k, v, version) VALUES ($1, $2, 1)",
-            [(key, os.urandom(100)) for key in KEYS],
-        )
+        async with db.transaction():  # one commit, not one per row (SQLite syncs each)
+            await db.execute(f"DELETE FROM {TABLE}")
+            await db.executemany(
+                f"INSERT INTO {TABLE} (k, v, version) VALUES ($1, $2, 1)",
+                [(key, os.urandom(100)) for key in KEYS],
+            )
     await pool.close()
 
 
