@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import math
 import sys
@@ -30,6 +31,7 @@ from package import (
     EchoAnswer,
     EchoRequest,
     ErrorAnswer,
+    GapEvent,
     InvalidArgument,
     KvDeleteAnswer,
     KvDeleteRequest,
@@ -39,9 +41,16 @@ from package import (
     KvListRequest,
     KvPutAnswer,
     KvPutRequest,
+    MessageEvent,
     PingRequest,
+    PublishAnswer,
+    PublishRequest,
+    RPCError,
     ServerInfoAnswer,
     ServerInfoRequest,
+    SubscribeAnswer,
+    SubscribeRequest,
+    UnsubscribeRequest,
     answer_kind_for,
     body_type,
     error_from_answer,
@@ -66,6 +75,7 @@ __all__ = [
     "ConnectionBroken",
     "ConnectionClosed",
     "ServerClosed",
+    "Subscription",
     "main",
 ]
 
@@ -249,6 +259,127 @@ class Client:
         assert isinstance(answer, ServerInfoAnswer)
         return answer
 
+    # ---- publish/subscribe ------------------------------------------------------------------
+
+    async def publish(self, topic: str, data: bytes) -> int:
+        """Publish ``data`` to ``topic``; return its offset once the broker stored it."""
+        answer = await self.request(PACKAGE.REQUEST_PUBLISH, PublishRequest(topic=topic, data=data))
+        assert isinstance(answer, PublishAnswer)
+        return answer.offset
+
+    def subscribe(
+        self,
+        topic: str,
+        *,
+        since: int | None = None,
+        positions: dict[str, int] | None = None,
+        max_queued: int = 10_000,
+    ) -> Subscription:
+        """``async with client.subscribe("chat.>") as events: async for event in events:``
+
+        Args:
+            topic: a topic, or a pattern: ``*`` stands for one token, a last ``>`` for the rest.
+            since: also every kept message after this offset (0: all kept history); None for
+                new messages only.
+            positions: for a pattern, per topic, the last offset already seen.
+            max_queued: events kept for a reader that falls behind; past it the client stops
+                reading from the server, which holds back and later replays from history.
+        """
+        return Subscription(self, topic, since, dict(positions or {}), max_queued)
+
+    def _protocol_or_closed(self) -> ClientProtocol:
+        if self._protocol is None:
+            raise ClientClosed(f"not connected to {self.address}; call connect() first")
+        return self._protocol
+
+
+class Subscription:
+    """One subscription: an async context manager and an async iterator of its events.
+
+    The events are ``MessageEvent`` (``topic``, ``offset``, ``data``) and ``GapEvent``
+    (``first_missing`` to ``last_missing`` of ``topic`` are gone from history: resynchronise
+    from your own records). ``positions`` holds the last offset seen per topic, to resume
+    from after a reconnect; ``complete`` is False when history did not reach back to ``since``.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        topic: str,
+        since: int | None,
+        positions: dict[str, int],
+        max_queued: int,
+    ) -> None:
+        self.client = client
+        self.topic = topic
+        self.since = since
+        self.positions = positions
+        self.max_queued = max_queued
+        self.id = 0
+        self.position = 0
+        self.complete = True
+        self._events: asyncio.Queue[MessageEvent | GapEvent | ConnectionClosed | RPCError] = (
+            asyncio.Queue()
+        )
+        self._protocol: ClientProtocol | None = None
+
+    async def __aenter__(self) -> Subscription:
+        protocol = self.client._protocol_or_closed()
+        request = SubscribeRequest(topic=self.topic, since=self.since, positions=self.positions)
+        answer = await self.client.request(PACKAGE.REQUEST_SUBSCRIBE, request)
+        assert isinstance(answer, SubscribeAnswer)
+        self.id, self.position, self.complete = (
+            answer.subscription,
+            answer.position,
+            answer.complete,
+        )
+        protocol.subscriptions[self.id] = self
+        protocol.lost.add_done_callback(self._connection_lost)
+        self._protocol = protocol
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        protocol, self._protocol = self._protocol, None
+        if protocol is None:
+            return
+        protocol.subscriptions.pop(self.id, None)
+        protocol.lost.remove_done_callback(self._connection_lost)
+        protocol.resume_reading()
+        if protocol.closed_error is None:
+            with contextlib.suppress(ConnectionClosed, RPCError):
+                await self.client.request(
+                    PACKAGE.REQUEST_UNSUBSCRIBE, UnsubscribeRequest(subscription=self.id)
+                )
+
+    def take(self, event: MessageEvent | GapEvent) -> bool:
+        """Queue one pushed event (called by the connection); False once the queue is full."""
+        self._events.put_nowait(event)
+        return self._events.qsize() < self.max_queued
+
+    def _connection_lost(self, lost: asyncio.Future[None]) -> None:
+        protocol = self._protocol
+        if protocol is not None and protocol.closed_error is not None:
+            self._events.put_nowait(protocol.closed_error)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> MessageEvent | GapEvent:
+        """The next event; raises ``ConnectionClosed`` once the connection is gone."""
+        if self._protocol is None:
+            raise StopAsyncIteration
+        event = await self._events.get()
+        if isinstance(event, Exception):
+            self._events.put_nowait(event)  # every later call raises it too
+            raise event
+        if self._protocol.is_reading_paused and self._events.qsize() <= self.max_queued // 2:
+            self._protocol.resume_reading()
+        if isinstance(event, MessageEvent):
+            self.positions[event.topic] = event.offset
+        else:
+            self.positions[event.topic] = event.last_missing
+        return event
+
 
 # ---- command line -------------------------------------------------------------------------
 
@@ -307,6 +438,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     kv_list = kv_commands.add_parser("list", help="list keys starting with PREFIX")
     kv_list.add_argument("prefix", metavar="PREFIX", nargs="?", default="")
     kv_list.add_argument("--limit", type=int, default=100, help="keys per page (100)")
+    sub = commands.add_parser("sub", help="print the messages of TOPIC as they arrive (Ctrl-C)")
+    sub.add_argument("topic", metavar="TOPIC", help="a topic or pattern: a.b, a.*, a.>")
+    sub.add_argument("--since", type=int, help="first replay kept messages after offset N")
+    pub = commands.add_parser("pub", help="publish DATA (text) to TOPIC; print its offset")
+    pub.add_argument("topic", metavar="TOPIC")
+    pub.add_argument("data", metavar="DATA")
     bench = commands.add_parser("bench", help="measure requests/s and latency")
     bench.add_argument("-c", "--connections", type=int, default=1, help="connections (1)")
     bench.add_argument("-k", "--in-flight", type=int, default=1, help="per connection (1)")
@@ -329,10 +466,29 @@ async def _run_command(args: argparse.Namespace, settings: Settings) -> int:
             print(_to_json(await client.server_info()))
         elif args.command == "kv":
             await _kv_command(client, args)
+        elif args.command == "pub":
+            print(f"offset {await client.publish(args.topic, args.data.encode())}")
+        elif args.command == "sub":
+            await _print_messages(client, args.topic, args.since)
         elif args.command == "call":
             kind = _package_by_name(args.package)
             print(_to_json(await client.request(kind, _body_from_json(kind, args.body))))
     return 0
+
+
+async def _print_messages(client: Client, topic: str, since: int | None) -> None:
+    """One line per message (``topic offset data``) until Ctrl-C, which ends it cleanly."""
+    with contextlib.suppress(asyncio.CancelledError):
+        async with client.subscribe(topic, since=since) as events:
+            if not events.complete:
+                print(f"history no longer reaches back to offset {since}", file=sys.stderr)
+            async for event in events:
+                if isinstance(event, GapEvent):
+                    print(f"{event.topic}: messages {event.first_missing} to "
+                          f"{event.last_missing} are gone", file=sys.stderr)  # fmt: skip
+                    continue
+                text = event.data.decode(errors="backslashreplace")
+                print(f"{event.topic} {event.offset} {text}", flush=True)
 
 
 async def _kv_command(client: Client, args: argparse.Namespace) -> None:

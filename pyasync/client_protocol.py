@@ -9,8 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from typing import Protocol
 
-from package import PACKAGE, ErrorAnswer, RPCError, error_from_answer, unpack
+from package import (
+    PACKAGE,
+    ErrorAnswer,
+    GapEvent,
+    MessageEvent,
+    RPCError,
+    error_from_answer,
+    unpack,
+)
 from protocol import (
     CONNECTION_REQUEST_ID,
     MAX_REQUEST_ID,
@@ -26,6 +35,7 @@ __all__ = [
     "ClientProtocol",
     "ConnectionBroken",
     "ConnectionClosed",
+    "EventSink",
     "ServerClosed",
 ]
 
@@ -46,6 +56,13 @@ class ServerClosed(ConnectionClosed):
 
 class ConnectionBroken(ConnectionClosed):
     """Raised when the connection broke: reset, cut, or a stream this side cannot decode."""
+
+
+class EventSink(Protocol):
+    """A client-side subscription: takes the events the server pushes for it."""
+
+    def take(self, event: MessageEvent | GapEvent) -> bool:
+        """Queue one event; False when its queue is full (the client then stops reading)."""
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -78,6 +95,8 @@ class ClientProtocol(asyncio.Protocol):
         self.received_frame = False  # a valid frame came: the peer speaks this protocol
         self.write_ready: asyncio.Future[None] | None = None  # set while writing is paused
         self.lost = asyncio.get_running_loop().create_future()
+        self.subscriptions: dict[int, EventSink] = {}
+        self.is_reading_paused = False  # a subscription's queue is full
 
     def send(self, kind: int, payload: bytes, timeout_ms: int) -> tuple[int, asyncio.Future[Frame]]:
         """Write one request; return its id and the future its answer frame will resolve.
@@ -137,11 +156,29 @@ class ClientProtocol(asyncio.Protocol):
             if future is not None and not future.done():
                 future.set_result(frame)
             return
-        # The server speaks about the connection (why it closes it); pushes are ignored for now.
-        if frame.kind == PACKAGE.ANSWER_ERROR:
+        # Request id 0: the server pushes an event, or speaks about the connection.
+        if frame.kind in (PACKAGE.EVENT_MESSAGE, PACKAGE.EVENT_GAP):
+            try:
+                event = unpack(PACKAGE(frame.kind), frame.body)
+            except RPCError:
+                return  # an event this client cannot read: nothing to deliver
+            assert isinstance(event, MessageEvent | GapEvent)
+            sink = self.subscriptions.get(event.subscription)
+            if sink is not None and not sink.take(event) and not self.is_reading_paused:
+                self.is_reading_paused = True  # the server holds further pushes back
+                assert self.transport is not None
+                self.transport.pause_reading()
+        elif frame.kind == PACKAGE.ANSWER_ERROR:
             error = unpack(PACKAGE.ANSWER_ERROR, frame.body)
             assert isinstance(error, ErrorAnswer)
             self.server_error = error_from_answer(error)
+        # Other event types are newer than this client: ignored.
+
+    def resume_reading(self) -> None:
+        """A full subscription queue has room again."""
+        if self.is_reading_paused and self.transport is not None:
+            self.is_reading_paused = False
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
         return False  # let the transport close; connection_lost tells the waiters
