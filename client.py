@@ -17,7 +17,7 @@ import errno
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -189,7 +189,12 @@ class Client:
         await self.close()
 
     async def request(
-        self, kind: PACKAGE, body: Body | None = None, *, timeout: float | None = -1.0
+        self,
+        kind: PACKAGE,
+        body: Body | None = None,
+        *,
+        timeout: float | None = -1.0,
+        on_answer: Callable[[Frame], None] | None = None,
     ) -> Body:
         """Send one request and return its answer body.
 
@@ -210,7 +215,7 @@ class Client:
         payload = pack(kind, body)
         if timeout is not None and timeout < 0:
             timeout = self.timeout
-        frame = await self.request_raw(kind, payload, timeout=timeout)
+        frame = await self.request_raw(kind, payload, timeout=timeout, on_answer=on_answer)
         if frame.kind == PACKAGE.ANSWER_ERROR:
             error_body = unpack(PACKAGE.ANSWER_ERROR, frame.body)
             assert isinstance(error_body, ErrorAnswer)
@@ -220,15 +225,26 @@ class Client:
             raise ProtocolError(f"{kind.name} was answered with type {frame.kind}")
         return unpack(expected, frame.body)
 
-    async def request_raw(self, kind: int, payload: bytes, *, timeout: float | None) -> Frame:
-        """Send an already packed body of any type number and return the answer frame."""
+    async def request_raw(
+        self,
+        kind: int,
+        payload: bytes,
+        *,
+        timeout: float | None,
+        on_answer: Callable[[Frame], None] | None = None,
+    ) -> Frame:
+        """Send an already packed body of any type number and return the answer frame.
+
+        ``on_answer`` is called with the answer frame as soon as it is read, before any frame
+        that came after it in the same read is handled.
+        """
         protocol = self._protocol
         if protocol is None:
             raise ClientClosed(f"not connected to {self.address}; call connect() first")
         if protocol.write_ready is not None:
             await asyncio.shield(protocol.write_ready)
         timeout_ms = 0 if timeout is None else min(math.ceil(timeout * 1000), MAX_TIMEOUT_MS)
-        request_id, future = protocol.send(kind, payload, timeout_ms)
+        request_id, future = protocol.send(kind, payload, timeout_ms, on_answer)
         try:
             if timeout is None:
                 return await future
@@ -238,6 +254,7 @@ class Client:
             raise DeadlineExceeded(f"no answer within {timeout:g} s") from None
         finally:
             protocol.pending.pop(request_id, None)
+            protocol.answer_hooks.pop(request_id, None)
 
     # ---- conveniences for the built-in actions ---------------------------------------------
 
@@ -326,14 +343,16 @@ class Subscription:
     async def __aenter__(self) -> Subscription:
         protocol = self.client._protocol_or_closed()
         request = SubscribeRequest(topic=self.topic, since=self.since, positions=self.positions)
-        answer = await self.client.request(PACKAGE.REQUEST_SUBSCRIBE, request)
-        assert isinstance(answer, SubscribeAnswer)
-        self.id, self.position, self.complete = (
-            answer.subscription,
-            answer.position,
-            answer.complete,
-        )
-        protocol.subscriptions[self.id] = self
+
+        def register(frame: Frame) -> None:  # before the events that follow in the same read
+            if frame.kind == PACKAGE.ANSWER_SUBSCRIBE:
+                answer = unpack(PACKAGE.ANSWER_SUBSCRIBE, frame.body)
+                assert isinstance(answer, SubscribeAnswer)
+                self.id, self.position = answer.subscription, answer.position
+                self.complete = answer.complete
+                protocol.subscriptions[self.id] = self
+
+        await self.client.request(PACKAGE.REQUEST_SUBSCRIBE, request, on_answer=register)
         protocol.lost.add_done_callback(self._connection_lost)
         self._protocol = protocol
         return self

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from typing import Protocol
 
 from package import (
@@ -96,9 +97,18 @@ class ClientProtocol(asyncio.Protocol):
         self.write_ready: asyncio.Future[None] | None = None  # set while writing is paused
         self.lost = asyncio.get_running_loop().create_future()
         self.subscriptions: dict[int, EventSink] = {}
+        # Called with an answer frame as it arrives, before later frames of the same read: a
+        # SUBSCRIBE answer registers its subscription before its first event is dispatched.
+        self.answer_hooks: dict[int, Callable[[Frame], None]] = {}
         self.is_reading_paused = False  # a subscription's queue is full
 
-    def send(self, kind: int, payload: bytes, timeout_ms: int) -> tuple[int, asyncio.Future[Frame]]:
+    def send(
+        self,
+        kind: int,
+        payload: bytes,
+        timeout_ms: int,
+        on_answer: Callable[[Frame], None] | None = None,
+    ) -> tuple[int, asyncio.Future[Frame]]:
         """Write one request; return its id and the future its answer frame will resolve.
 
         The caller removes the id from ``pending`` once it stops waiting.
@@ -109,6 +119,8 @@ class ClientProtocol(asyncio.Protocol):
         request_id = self._next_id()
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self.pending[request_id] = future
+        if on_answer is not None:
+            self.answer_hooks[request_id] = on_answer
         self.transport.write(
             encode_frame(
                 kind, request_id, payload, timeout_ms=timeout_ms, compression=self.compression
@@ -152,6 +164,8 @@ class ClientProtocol(asyncio.Protocol):
     def _dispatch(self, frame: Frame) -> None:
         self.received_frame = True
         if frame.request_id != CONNECTION_REQUEST_ID:
+            if self.answer_hooks and (hook := self.answer_hooks.pop(frame.request_id, None)):
+                hook(frame)
             future = self.pending.pop(frame.request_id, None)
             if future is not None and not future.done():
                 future.set_result(frame)

@@ -15,7 +15,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import pytest
@@ -269,7 +269,7 @@ class CountingReader(asyncio.Protocol):
         self.errors: list[str] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.decoder.feed(data)
@@ -322,7 +322,7 @@ async def test_readers_get_everything_while_non_readers_stay_bounded(
     server = start_server_process(ROOT, env=env)
     loop = asyncio.get_running_loop()
     readers: list[CountingReader] = []
-    transports: list[asyncio.BaseTransport] = []
+    transports: list[asyncio.Transport] = []
     try:
         for index in range(1000):
             transport, reader = await loop.create_connection(

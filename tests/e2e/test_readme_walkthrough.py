@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
-from tests.helpers import ROOT, run_client_program, start_server_process
+from tests.helpers import ROOT, clean_env, run_client_program, start_server_process
 
 MARKER = re.compile(r"<!-- walkthrough: (?P<place>[^>]+?) -->\s*```python\n(?P<code>.*?)```", re.S)
 ENUM_MEMBER = re.compile(r"^    [A-Z_]+ = \d+\n", re.M)
@@ -64,5 +67,18 @@ def test_walkthrough_adds_a_working_action(tmp_path: Path) -> None:
         )
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout) == {"text": "desserts"}
+        subscriber = subprocess.Popen(
+            [sys.executable, str(project / "client.py"), "--port", str(server.port), "sub",
+             "reversed", "--since", "0"],
+            cwd=project, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        try:
+            assert subscriber.stdout is not None
+            assert subscriber.stdout.readline() == "reversed 1 desserts\n"
+        finally:
+            subscriber.send_signal(signal.SIGINT)  # Ctrl-C ends it cleanly
+            _, errors = subscriber.communicate(timeout=15)
+        assert subscriber.returncode == 0, errors
     finally:
         assert server.stop() == 0
