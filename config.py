@@ -3,18 +3,20 @@
 Each value comes from, in rising precedence: the field's default, a ``.env`` file, the process
 environment, then explicit overrides (command-line flags). The environment variable of a field is
 its name in capitals (``port`` -> ``PORT``). A bad value stops start-up with one line that names
-the variable, its source and what is expected.
+the variable, its source and what is expected. Settings built in code pass the same checks
+(``validate``, called by ``__post_init__``), and choices match in any case.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from dotenv import dotenv_values
 
@@ -26,6 +28,7 @@ from protocol import (
 )
 
 __all__ = [
+    "DEFAULT_ENV_FILE",
     "ConfigError",
     "LogLevel",
     "Settings",
@@ -33,10 +36,14 @@ __all__ = [
     "load",
     "load_settings",
     "setting",
+    "validate",
 ]
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 MIB = 1024 * 1024
+# The one settings file that may be missing: a bare machine runs on defaults. Any other file
+# named (``--env-file``) must exist, or a typo would silently run on defaults.
+DEFAULT_ENV_FILE: Final = ".env"
 
 
 class ConfigError(Exception):
@@ -53,6 +60,11 @@ def setting(
     high: float | None = None,
     secret: bool = False,
 ) -> Any:
+    """Declare one setting: its default, one line of help, its range and whether it is secret.
+
+    ``low`` and ``high`` bound numbers (inclusive); a secret is kept out of ``repr``, summaries
+    and error messages.
+    """
     return field(
         default=default,
         repr=not secret,
@@ -133,6 +145,7 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
+        validate(self)  # types, ranges and choices, as for values read by ``load()``
         if self.enable_tls and not (self.tls_cert_file and self.tls_key_file):
             raise ConfigError(
                 "ENABLE_TLS=true needs TLS_CERT_FILE and TLS_KEY_FILE "
@@ -171,7 +184,7 @@ def describe_fields(cls: type[Any]) -> list[tuple[str, Any, str]]:
 def load_settings(
     cls: type[SettingsT],
     *,
-    env_file: str | Path | None = ".env",
+    env_file: str | Path | None = DEFAULT_ENV_FILE,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> SettingsT:
@@ -179,20 +192,19 @@ def load_settings(
 
     Args:
         cls: a frozen dataclass whose fields were declared with ``setting``.
-        env_file: a ``.env`` file to read if it exists; None to read none.
+        env_file: a ``.env`` file to read; it must exist unless it is ``DEFAULT_ENV_FILE``
+            (which may be absent). None to read none.
         environ: the environment; ``os.environ`` when None.
         overrides: typed values by field name (e.g. from command-line flags), None ones ignored.
 
     Raises:
-        ConfigError: a value does not parse or is out of range; the message names the variable.
+        ConfigError: a value does not parse or is out of range, or ``env_file`` is missing or
+            unreadable; the message is one line and names the variable or the file.
     """
     environ = os.environ if environ is None else environ
-    from_file: dict[str, str | None] = {}
-    if env_file is not None and Path(env_file).is_file():
-        from_file = dotenv_values(env_file)
-    hints = typing.get_type_hints(cls)
+    from_file = _read_env_file(env_file)
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f, kind in _fields(cls):
         name = f.name.upper()
         if overrides is not None and overrides.get(f.name) is not None:
             raw, source = overrides[f.name], "command line"
@@ -202,7 +214,8 @@ def load_settings(
             raw, source = from_file[name], f"{env_file}"
         else:
             continue
-        values[f.name] = _parse(name, raw, source, hints[f.name], f.metadata)
+        value = _parse(name, raw, source, kind, f.metadata)
+        values[f.name] = _check(name, value, raw, source, kind, f.metadata)
     try:
         return cls(**values)
     except ConfigError:
@@ -211,9 +224,31 @@ def load_settings(
         raise ConfigError(str(exc)) from None
 
 
+def validate(settings: Any) -> None:
+    """Check every field of a settings dataclass and normalise it in place.
+
+    The one validator of both ways to make settings: ``__post_init__`` calls it, so values set
+    in code meet the same types, ranges and choices as those ``load_settings`` read. Choices
+    (``Literal`` fields) match in any case and are stored as declared; whole numbers are
+    accepted for float fields and stored as floats.
+
+    Raises:
+        ConfigError: a field has the wrong type, is out of range or is no known choice; one line
+            naming the variable.
+    """
+    cls = type(settings)
+    for f, kind in _fields(cls):
+        value = getattr(settings, f.name)
+        checked = _check(
+            f.name.upper(), value, value, f"{cls.__name__}({f.name}=...)", kind, f.metadata
+        )
+        if checked is not value:
+            object.__setattr__(settings, f.name, checked)
+
+
 def load(
     *,
-    env_file: str | Path | None = ".env",
+    env_file: str | Path | None = DEFAULT_ENV_FILE,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
@@ -225,37 +260,94 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _parse(name: str, raw: Any, source: str, kind: Any, meta: Mapping[str, Any]) -> Any:
+FieldSpec = tuple[dataclasses.Field[Any], Any]  # a field and its resolved type
+_FIELD_SPECS: dict[type[Any], tuple[FieldSpec, ...]] = {}
+
+
+def _fields(cls: type[Any]) -> tuple[FieldSpec, ...]:
+    """(field, resolved type) of each field of a settings dataclass, resolved once per class."""
+    specs = _FIELD_SPECS.get(cls)
+    if specs is None:
+        hints = typing.get_type_hints(cls)
+        specs = _FIELD_SPECS[cls] = tuple((f, hints[f.name]) for f in dataclasses.fields(cls))
+    return specs
+
+
+def _read_env_file(env_file: str | Path | None) -> Mapping[str, str | None]:
+    """The variables of ``env_file``; {} for None or a missing ``DEFAULT_ENV_FILE``."""
+    if env_file is None:
+        return {}
+    path = Path(env_file)
+    if not path.exists():
+        if path == Path(DEFAULT_ENV_FILE):
+            return {}
+        raise ConfigError(f"settings file {str(env_file)!r} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"settings file {str(env_file)!r} is not a file")
+    try:
+        return dotenv_values(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"cannot read settings file {str(env_file)!r}: {reason}") from None
+
+
+def _fail(name: str, expected: str, raw: Any, source: str, meta: Mapping[str, Any]) -> ConfigError:
     shown = "<hidden>" if meta.get("secret") else repr(raw)
+    return ConfigError(f"{name} must be {expected}, got {shown} (from {source})")
 
-    def fail(expected: str) -> ConfigError:
-        return ConfigError(f"{name} must be {expected}, got {shown} (from {source})")
 
+def _parse(name: str, raw: Any, source: str, kind: Any, meta: Mapping[str, Any]) -> Any:
+    """Turn text from a file or the environment into the field's type; other values pass."""
     if not isinstance(raw, str):
-        value = raw
-    elif kind is bool:
-        word = raw.strip().lower()
+        return raw
+    text = raw.strip()
+    if kind is bool:
+        word = text.lower()
         if word not in _TRUE | _FALSE:
-            raise fail("true or false")
-        value = word in _TRUE
+            raise _fail(name, "true or false", raw, source, meta)
+        return word in _TRUE
+    if kind is int:
+        try:
+            return int(text.replace("_", ""))
+        except ValueError:
+            raise _fail(name, "a whole number", raw, source, meta) from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise _fail(name, "a number", raw, source, meta) from None
+    return text
+
+
+def _check(name: str, value: Any, raw: Any, source: str, kind: Any, meta: Mapping[str, Any]) -> Any:
+    """``value`` if it has the field's type, choice and range (normalised), else ConfigError.
+
+    ``raw`` is what the message shows as received (the text before parsing).
+    """
+    if typing.get_origin(kind) is Literal:
+        choices: tuple[str, ...] = typing.get_args(kind)
+        by_name = {choice.casefold(): choice for choice in choices}
+        choice = by_name.get(value.strip().casefold()) if isinstance(value, str) else None
+        if choice is None:
+            raise _fail(name, "one of " + ", ".join(choices), raw, source, meta)
+        return choice
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise _fail(name, "true or false", raw, source, meta)
     elif kind is int:
-        try:
-            value = int(raw.strip().replace("_", ""))
-        except ValueError:
-            raise fail("a whole number") from None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _fail(name, "a whole number", raw, source, meta)
     elif kind is float:
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise fail("a number") from None
-    elif typing.get_origin(kind) is Literal:
-        value = raw.strip().upper()
-    else:
-        value = raw.strip()
-    if typing.get_origin(kind) is Literal and value not in typing.get_args(kind):
-        raise fail("one of " + ", ".join(typing.get_args(kind)))
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise _fail(name, "a number", raw, source, meta)
+        if not math.isfinite(value):
+            raise _fail(name, "a finite number", raw, source, meta)
+        value = float(value)
+    elif kind is str:
+        if not isinstance(value, str):
+            raise _fail(name, "text", raw, source, meta)
     low, high = meta.get("low"), meta.get("high")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"at least {low}" if high is None else f"from {low} to {high}"
-        raise fail(bounds)
+        raise _fail(name, bounds, raw, source, meta)
     return value

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
-from config import ConfigError, load_settings, setting
+from config import DEFAULT_ENV_FILE, ConfigError, load_settings, setting, validate
 
 __all__ = ["DatabaseBackend", "DatabaseSettings", "load"]
 
@@ -43,6 +43,7 @@ class DatabaseSettings:
     kv_table: str = setting("pyasync_kv", "Table of the built-in key-value actions.")
 
     def __post_init__(self) -> None:
+        validate(self)  # types, ranges and choices, as for values read by ``load()``
         if self.db_pool_min_size > self.db_pool_max_size:
             raise ConfigError("DB_POOL_MIN_SIZE must not be above DB_POOL_MAX_SIZE")
         if not TABLE_NAME.fullmatch(self.kv_table):
@@ -103,7 +104,7 @@ class DatabaseSettings:
 
 def load(
     *,
-    env_file: str | Path | None = ".env",
+    env_file: str | Path | None = DEFAULT_ENV_FILE,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> DatabaseSettings:
