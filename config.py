@@ -32,7 +32,6 @@ __all__ = [
     "ConfigError",
     "LogLevel",
     "Settings",
-    "describe_fields",
     "load",
     "load_settings",
     "setting",
@@ -48,8 +47,6 @@ DEFAULT_ENV_FILE: Final = ".env"
 
 class ConfigError(Exception):
     """Raised when a setting is missing, malformed or out of range; the message is one line."""
-
-    exit_code = 78  # EX_CONFIG
 
 
 def setting(
@@ -172,13 +169,6 @@ class Settings:
 
 
 SettingsT = TypeVar("SettingsT")
-
-
-def describe_fields(cls: type[Any]) -> list[tuple[str, Any, str]]:
-    """(variable, default, help) for each field of a settings class, for docs and examples."""
-    return [
-        (f.name.upper(), f.default, f.metadata.get("help", "")) for f in dataclasses.fields(cls)
-    ]
 
 
 def load_settings(

@@ -292,8 +292,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--host", help="address to listen on (HOST)")
     parser.add_argument("--port", type=int, help="port to listen on (PORT)")
-    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="log level (LOG_LEVEL)")  # fmt: skip
+    parser.add_argument(
+        "--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level (LOG_LEVEL), in any case",
+    )  # fmt: skip
     parser.add_argument("--env-file", default=".env", help="settings file (default: .env)")
     parser.add_argument(
         "--make-cert", metavar="DIR", type=Path,

@@ -22,7 +22,7 @@ import package
 import protocol
 from package import PACKAGE, ErrorCode, body_type
 from protocol import FrameDecoder, encode_frame
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 DOC = (ROOT / "docs" / "PROTOCOL.md").read_text()
 HEADING = re.compile(r"^#{1,6} .*$", re.MULTILINE)
