@@ -213,7 +213,12 @@ class Listener:
 
     pattern: str
     subscriptions: set[Subscription] = field(default_factory=set)
-    ready: asyncio.Future[None] | None = None
+    ready: asyncio.Future[bool] | None = None  # True once the backend listens, False if it failed
+    joining: int = 0  # subscriptions being set up: the listener stays while they are
+
+    @property
+    def is_unused(self) -> bool:
+        return not self.subscriptions and not self.joining
 
 
 class Broker:
@@ -295,19 +300,22 @@ class Broker:
                 raise InvalidArgument(f"a position for {topic!r}, which {pattern!r} does not match")
         if (since is not None and since < 0) or any(v < 0 for v in positions.values()):
             raise InvalidArgument("since and positions are offsets: 0 or above")
-        await self._listen(pattern)
+        listener = await self._listen(pattern)
+        listener.joining += 1
         try:
-            return await self._start_subscription(target, pattern, since, positions)
-        except BaseException:
-            listener = self.listeners.get(pattern)
-            if listener is not None and not listener.subscriptions:  # cancelled or failed
-                del self.listeners[pattern]
-                self._spawn(self._unlisten(pattern))
-            raise
+            return await self._start_subscription(listener, target, since, positions)
+        finally:
+            listener.joining -= 1
+            self._let_go_if_unused(listener)
 
     async def _start_subscription(
-        self, target: PushTarget, pattern: str, since: int | None, positions: dict[str, int]
+        self,
+        listener: Listener,
+        target: PushTarget,
+        since: int | None,
+        positions: dict[str, int],
     ) -> tuple[Subscription, int, bool]:
+        pattern = listener.pattern
         wanted = dict(positions)
         position = 0
         if not is_wildcard(pattern):
@@ -327,7 +335,7 @@ class Broker:
             wanted[topic] = min(after, head)
         self._ids += 1
         subscription = Subscription(self._ids, pattern, target, wanted, since or 0)
-        self.listeners[pattern].subscriptions.add(subscription)
+        listener.subscriptions.add(subscription)
         return subscription, position, complete
 
     def start_pushing(self, subscription: Subscription) -> None:
@@ -336,21 +344,20 @@ class Broker:
 
     async def unsubscribe(self, subscription: Subscription) -> None:
         """End a subscription; the backend subscription goes with its last local subscriber."""
-        self._stop(subscription)
-        listener = self.listeners.get(subscription.pattern)
-        if listener is not None and not listener.subscriptions:
-            del self.listeners[subscription.pattern]
-            with contextlib.suppress(Unavailable):
-                await self.backend.unlisten(subscription.pattern)
+        self.drop([subscription])
 
     def drop(self, subscriptions: Iterable[Subscription]) -> None:
-        """End the subscriptions of a connection that closed (no await: called as it closes)."""
+        """End subscriptions (no await: a closing connection calls this as it closes)."""
         for subscription in subscriptions:
             self._stop(subscription)
             listener = self.listeners.get(subscription.pattern)
-            if listener is not None and not listener.subscriptions:
-                del self.listeners[subscription.pattern]
-                self._spawn(self._unlisten(subscription.pattern))
+            if listener is not None:
+                self._let_go_if_unused(listener)
+
+    def _let_go_if_unused(self, listener: Listener) -> None:
+        if listener.is_unused and self.listeners.get(listener.pattern) is listener:
+            del self.listeners[listener.pattern]
+            self._spawn(self._unlisten(listener.pattern))
 
     async def _unlisten(self, pattern: str) -> None:
         if pattern not in self.listeners:  # nobody subscribed again meanwhile
@@ -364,21 +371,23 @@ class Broker:
         if subscription.catch_up_task is not None:
             subscription.catch_up_task.cancel()
 
-    async def _listen(self, pattern: str) -> None:
+    async def _listen(self, pattern: str) -> Listener:
+        """The listener of ``pattern``, made (and its backend subscription opened) if new."""
         listener = self.listeners.get(pattern)
         if listener is None:
             listener = self.listeners[pattern] = Listener(pattern)
             listener.ready = asyncio.get_running_loop().create_future()
             try:
                 await self.backend.listen(pattern, lambda message: self._deliver(listener, message))
-            except BaseException as exc:
-                del self.listeners[pattern]
-                listener.ready.set_exception(exc)
-                listener.ready.exception()  # retrieved: other waiters re-raise it
+            except BaseException:
+                if self.listeners.get(pattern) is listener:
+                    del self.listeners[pattern]
+                listener.ready.set_result(False)
                 raise
-            listener.ready.set_result(None)
-        elif listener.ready is not None and not listener.ready.done():
-            await asyncio.shield(listener.ready)
+            listener.ready.set_result(True)
+        elif listener.ready is not None and not await asyncio.shield(listener.ready):
+            raise Unavailable(f"the broker did not subscribe to {pattern!r}", hint="retry")
+        return listener
 
     # ---- delivering ------------------------------------------------------------------------
 
