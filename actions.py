@@ -357,7 +357,12 @@ async def subscribe(request: SubscribeRequest, ctx: Context) -> SubscribeAnswer:
     ctx.subscriptions[subscription.id] = subscription
     # Pushes start after this answer has left, so the client knows the id before any event.
     asyncio.get_running_loop().call_soon(broker.start_pushing, subscription)
-    return SubscribeAnswer(subscription=subscription.id, position=position, complete=complete)
+    return SubscribeAnswer(
+        subscription=subscription.id,
+        position=position,
+        complete=complete,
+        positions=dict(subscription.positions),
+    )
 
 
 @action(PACKAGE.REQUEST_UNSUBSCRIBE)

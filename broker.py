@@ -277,6 +277,8 @@ class Broker:
     ) -> tuple[Subscription, int, bool]:
         """Start a subscription; its pushes begin once ``start_pushing`` is called.
 
+        ``subscription.positions`` then holds where it starts, per topic known now.
+
         Args:
             target: the connection to push to.
             pattern: a topic, or a pattern with ``*`` / ``>``.

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import errno
 import math
+import random
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ import msgspec
 import config
 from config import ConfigError, Settings
 from package import (
+    IDEMPOTENT,
     PACKAGE,
     Body,
     DeadlineExceeded,
@@ -41,16 +43,12 @@ from package import (
     KvListRequest,
     KvPutAnswer,
     KvPutRequest,
-    MessageEvent,
     PingRequest,
     PublishAnswer,
     PublishRequest,
-    RPCError,
     ServerInfoAnswer,
     ServerInfoRequest,
-    SubscribeAnswer,
-    SubscribeRequest,
-    UnsubscribeRequest,
+    Unavailable,
     answer_kind_for,
     body_type,
     error_from_answer,
@@ -67,6 +65,7 @@ from pyasync.client_protocol import (
     ServerClosed,
 )
 from pyasync.loadgen import run_bench
+from pyasync.subscription import Subscription
 from utils import EXIT_CONFIG, describe_error, handle_run_main, resolve_client_ssl_context
 
 __all__ = [
@@ -82,16 +81,26 @@ __all__ = [
 # The server answers DEADLINE_EXCEEDED itself when a request's timeout runs out; the client waits
 # this much longer before giving up on the answer, so that the server's reply usually wins.
 TIMEOUT_GRACE = 0.5  # seconds
+RECONNECT_FIRST_DELAY = 0.05  # seconds; doubles after each round of failed endpoints
+RECONNECT_MAX_DELAY = 2.0  # seconds
 
 
 class Client:
     """A connection to a pyasync-server carrying many concurrent requests.
 
+    Given several ``endpoints`` (or ``reconnect=True``), a lost connection is replaced by one to
+    the next endpoint that answers, with exponential back-off and jitter; subscriptions resume
+    from the last offset they received, requests of types in ``package.IDEMPOTENT`` are sent
+    again, and the others fail with ``Unavailable`` (they may or may not have run).
+
     Args:
         host: server address.
         port: server port.
+        endpoints: ``"host:port"`` strings or ``(host, port)`` pairs to fail over between; when
+            given, ``host`` and ``port`` are not used.
+        reconnect: replace a lost connection; on by default with ``endpoints``.
         ssl: TLS context (see ``utils.resolve_client_ssl_context``), or None for plain TCP.
-        server_hostname: name to check the certificate against; ``host`` by default.
+        server_hostname: name to check the certificate against; the endpoint's host by default.
         connect_timeout: seconds for the TCP connect and TLS handshake.
         timeout: default per-request timeout in seconds, sent to the server which enforces it;
             None leaves it to the server's REQUEST_TIMEOUT.
@@ -104,6 +113,8 @@ class Client:
         host: str = "127.0.0.1",
         port: int = 1145,
         *,
+        endpoints: Sequence[str | tuple[str, int]] | None = None,
+        reconnect: bool | None = None,
         ssl: Any = None,
         server_hostname: str | None = None,
         connect_timeout: float = 10.0,
@@ -111,14 +122,21 @@ class Client:
         compression: Compression | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     ) -> None:
-        self.host, self.port = host, port
+        self.endpoints = [parse_endpoint(e) for e in endpoints] if endpoints else [(host, port)]
+        self.host, self.port = self.endpoints[0]
+        self.reconnect = bool(endpoints) if reconnect is None else reconnect
         self.ssl = ssl
         self.server_hostname = server_hostname
         self.connect_timeout = connect_timeout
         self.timeout = timeout
         self.compression = compression if compression is not None else Compression()
         self.max_frame_size = max_frame_size
+        self.subscriptions: set[Subscription] = set()
         self._protocol: ClientProtocol | None = None
+        self._ready: asyncio.Event | None = None  # set while a connection is up
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._is_closing = False
+        self._next_endpoint = 0
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> Client:
@@ -140,44 +158,30 @@ class Client:
 
     @property
     def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        """The endpoint connected to (or tried last), as ``host:port``."""
+        return _format_address(self.host, self.port)
 
     async def connect(self) -> Client:
-        """Open the connection.
+        """Open the connection, to the first endpoint that answers.
 
-        Raises:
+        Raises (the failure of the last endpoint tried):
             ConnectionRefusedError: nothing listens at the address.
             TimeoutError: connecting or the TLS handshake took longer than ``connect_timeout``.
             ssl.SSLError: the TLS handshake failed (e.g. the server does not speak TLS).
             OSError: any other network failure.
         """
-        loop = asyncio.get_running_loop()
-        protocol = ClientProtocol(
-            self.address, is_tls=self.ssl is not None, max_frame_size=self.max_frame_size,
-            compression=self.compression,
-        )  # fmt: skip
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                await loop.create_connection(
-                    lambda: protocol,
-                    self.host,
-                    self.port,
-                    ssl=self.ssl,
-                    server_hostname=(self.server_hostname or self.host) if self.ssl else None,
-                )
-        except TimeoutError:
-            raise TimeoutError(
-                f"connecting to {self.address} took longer than {self.connect_timeout:g} s"
-            ) from None
-        except ConnectionRefusedError:
-            raise ConnectionRefusedError(
-                errno.ECONNREFUSED, f"cannot connect to {self.address}: connection refused"
-            ) from None
-        self._protocol = protocol
+        self._is_closing = False
+        self._ready = asyncio.Event()
+        await self._connect_any()
         return self
 
     async def close(self) -> None:
         """Close the connection; pending requests fail with ``ClientClosed``."""
+        self._is_closing = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconnecting
         if self._protocol is not None:
             self._protocol.close()
             await self._protocol.lost
@@ -187,6 +191,96 @@ class Client:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+    # ---- connecting and failing over -----------------------------------------------------
+
+    async def _connect_any(self) -> None:
+        count = len(self.endpoints)
+        failure: BaseException | None = None
+        for step in range(count):
+            index = (self._next_endpoint + step) % count
+            host, port = self.endpoints[index]
+            try:
+                protocol = await self._open(host, port)
+            except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+                failure = exc
+                continue
+            self._next_endpoint = (index + 1) % count  # the next failover tries another first
+            self.host, self.port, self._protocol = host, port, protocol
+            if self.reconnect:
+                protocol.lost.add_done_callback(self._connection_lost)
+            assert self._ready is not None
+            self._ready.set()
+            return
+        assert failure is not None
+        raise failure
+
+    async def _open(self, host: str, port: int) -> ClientProtocol:
+        loop = asyncio.get_running_loop()
+        address = _format_address(host, port)
+        protocol = ClientProtocol(
+            address, is_tls=self.ssl is not None, max_frame_size=self.max_frame_size,
+            compression=self.compression,
+        )  # fmt: skip
+        self.host, self.port = host, port
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await loop.create_connection(
+                    lambda: protocol,
+                    host,
+                    port,
+                    ssl=self.ssl,
+                    server_hostname=(self.server_hostname or host) if self.ssl else None,
+                )
+        except TimeoutError:
+            raise TimeoutError(
+                f"connecting to {address} took longer than {self.connect_timeout:g} s"
+            ) from None
+        except ConnectionRefusedError:
+            raise ConnectionRefusedError(
+                errno.ECONNREFUSED, f"cannot connect to {address}: connection refused"
+            ) from None
+        return protocol
+
+    def _connection_lost(self, lost: asyncio.Future[None]) -> None:
+        if self._is_closing or self._ready is None:
+            return
+        self._ready.clear()
+        if self._reconnecting is None or self._reconnecting.done():
+            self._reconnecting = asyncio.get_running_loop().create_task(self._fail_over())
+
+    async def _fail_over(self) -> None:
+        """Connect to the next endpoint that answers, then resume every subscription."""
+        delay = RECONNECT_FIRST_DELAY
+        while True:
+            try:
+                await self._connect_any()
+                break
+            except (OSError, TimeoutError):
+                await asyncio.sleep(random.uniform(delay / 2, delay))  # jitter: no stampede
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
+        await asyncio.gather(*(s.resume() for s in list(self.subscriptions)))
+
+    async def _connection(self, deadline: float | None) -> ClientProtocol:
+        """The live connection, waiting (until ``deadline``) while one is being replaced."""
+        while True:
+            protocol = self._protocol
+            if protocol is None or self._ready is None:
+                raise ClientClosed(f"not connected to {self.address}; call connect() first")
+            if protocol.closed_error is None:
+                return protocol
+            if not self.reconnect or self._is_closing:
+                raise protocol.closed_error
+            self._ready.clear()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._ready.wait()
+            except TimeoutError:
+                raise Unavailable(
+                    f"no connection to any of {len(self.endpoints)} endpoints in time"
+                ) from None
+
+    # ---- requests -----------------------------------------------------------------------------
 
     async def request(
         self,
@@ -203,10 +297,12 @@ class Client:
             body: its body; the type's empty body when None.
             timeout: seconds, enforced by the server and here; -1 for the client's default,
                 None for the server's default.
+            on_answer: called with the answer frame as soon as it is read.
 
         Raises:
             RPCError: the server answered ``ANSWER_ERROR`` (the subclass matches the code).
             DeadlineExceeded: no answer within the timeout.
+            Unavailable: the connection was lost and ``kind`` is not idempotent (failover on).
             ConnectionClosed: the connection is gone (``ClientClosed``, ``ServerClosed`` or
                 ``ConnectionBroken`` says how).
         """
@@ -238,23 +334,32 @@ class Client:
         ``on_answer`` is called with the answer frame as soon as it is read, before any frame
         that came after it in the same read is handled.
         """
-        protocol = self._protocol
-        if protocol is None:
-            raise ClientClosed(f"not connected to {self.address}; call connect() first")
-        if protocol.write_ready is not None:
-            await asyncio.shield(protocol.write_ready)
-        timeout_ms = 0 if timeout is None else min(math.ceil(timeout * 1000), MAX_TIMEOUT_MS)
-        request_id, future = protocol.send(kind, payload, timeout_ms, on_answer)
-        try:
-            if timeout is None:
-                return await future
-            async with asyncio.timeout(timeout + TIMEOUT_GRACE):
-                return await future
-        except TimeoutError:
-            raise DeadlineExceeded(f"no answer within {timeout:g} s") from None
-        finally:
-            protocol.pending.pop(request_id, None)
-            protocol.answer_hooks.pop(request_id, None)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout + TIMEOUT_GRACE
+        while True:
+            protocol = await self._connection(deadline)
+            if protocol.write_ready is not None:
+                await asyncio.shield(protocol.write_ready)
+            left = None if deadline is None else max(deadline - loop.time() - TIMEOUT_GRACE, 0.001)
+            timeout_ms = 0 if left is None else min(math.ceil(left * 1000), MAX_TIMEOUT_MS)
+            request_id, future = protocol.send(kind, payload, timeout_ms, on_answer)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await future
+            except TimeoutError:
+                raise DeadlineExceeded(f"no answer within {timeout:g} s") from None
+            except ConnectionClosed:
+                if not self.reconnect or self._is_closing:
+                    raise
+                if kind not in IDEMPOTENT:
+                    raise Unavailable(
+                        f"the connection to {protocol.address} was lost before the answer; "
+                        "the request may or may not have run",
+                        hint="send it again if that is safe",
+                    ) from None
+            finally:
+                protocol.pending.pop(request_id, None)
+                protocol.answer_hooks.pop(request_id, None)
 
     # ---- conveniences for the built-in actions ---------------------------------------------
 
@@ -304,100 +409,19 @@ class Client:
         """
         return Subscription(self, topic, since, dict(positions or {}), max_queued)
 
-    def _protocol_or_closed(self) -> ClientProtocol:
-        if self._protocol is None:
-            raise ClientClosed(f"not connected to {self.address}; call connect() first")
-        return self._protocol
+
+def parse_endpoint(endpoint: str | tuple[str, int]) -> tuple[str, int]:
+    """``"host:port"``, ``"[v6]:port"`` or ``(host, port)`` as ``(host, port)``."""
+    if isinstance(endpoint, tuple):
+        return endpoint
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"endpoint must be host:port, got {endpoint!r}")
+    return host.strip("[]"), int(port)
 
 
-class Subscription:
-    """One subscription: an async context manager and an async iterator of its events.
-
-    The events are ``MessageEvent`` (``topic``, ``offset``, ``data``) and ``GapEvent``
-    (``first_missing`` to ``last_missing`` of ``topic`` are gone from history: resynchronise
-    from your own records). ``positions`` holds the last offset seen per topic, to resume
-    from after a reconnect; ``complete`` is False when history did not reach back to ``since``.
-    """
-
-    def __init__(
-        self,
-        client: Client,
-        topic: str,
-        since: int | None,
-        positions: dict[str, int],
-        max_queued: int,
-    ) -> None:
-        self.client = client
-        self.topic = topic
-        self.since = since
-        self.positions = positions
-        self.max_queued = max_queued
-        self.id = 0
-        self.position = 0
-        self.complete = True
-        self._events: asyncio.Queue[MessageEvent | GapEvent | ConnectionClosed | RPCError] = (
-            asyncio.Queue()
-        )
-        self._protocol: ClientProtocol | None = None
-
-    async def __aenter__(self) -> Subscription:
-        protocol = self.client._protocol_or_closed()
-        request = SubscribeRequest(topic=self.topic, since=self.since, positions=self.positions)
-
-        def register(frame: Frame) -> None:  # before the events that follow in the same read
-            if frame.kind == PACKAGE.ANSWER_SUBSCRIBE:
-                answer = unpack(PACKAGE.ANSWER_SUBSCRIBE, frame.body)
-                assert isinstance(answer, SubscribeAnswer)
-                self.id, self.position = answer.subscription, answer.position
-                self.complete = answer.complete
-                protocol.subscriptions[self.id] = self
-
-        await self.client.request(PACKAGE.REQUEST_SUBSCRIBE, request, on_answer=register)
-        protocol.lost.add_done_callback(self._connection_lost)
-        self._protocol = protocol
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        protocol, self._protocol = self._protocol, None
-        if protocol is None:
-            return
-        protocol.subscriptions.pop(self.id, None)
-        protocol.lost.remove_done_callback(self._connection_lost)
-        protocol.resume_reading()
-        if protocol.closed_error is None:
-            with contextlib.suppress(ConnectionClosed, RPCError):
-                await self.client.request(
-                    PACKAGE.REQUEST_UNSUBSCRIBE, UnsubscribeRequest(subscription=self.id)
-                )
-
-    def take(self, event: MessageEvent | GapEvent) -> bool:
-        """Queue one pushed event (called by the connection); False once the queue is full."""
-        self._events.put_nowait(event)
-        return self._events.qsize() < self.max_queued
-
-    def _connection_lost(self, lost: asyncio.Future[None]) -> None:
-        protocol = self._protocol
-        if protocol is not None and protocol.closed_error is not None:
-            self._events.put_nowait(protocol.closed_error)
-
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def __anext__(self) -> MessageEvent | GapEvent:
-        """The next event; raises ``ConnectionClosed`` once the connection is gone."""
-        if self._protocol is None:
-            raise StopAsyncIteration
-        event = await self._events.get()
-        if isinstance(event, Exception):
-            self._events.put_nowait(event)  # every later call raises it too
-            raise event
-        if self._protocol.is_reading_paused and self._events.qsize() <= self.max_queued // 2:
-            self._protocol.resume_reading()
-        if isinstance(event, MessageEvent):
-            self.positions[event.topic] = event.offset
-        else:
-            self.positions[event.topic] = event.last_missing
-        return event
+def _format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # ---- command line -------------------------------------------------------------------------

@@ -49,6 +49,7 @@ __all__ = [
     "EchoRequest",
     "ErrorAnswer",
     "ErrorCode",
+    "IDEMPOTENT",
     "Int64",
     "FailedPrecondition",
     "Internal",
@@ -569,6 +570,7 @@ class SubscribeAnswer(Body, frozen=True, kw_only=True):
     subscription: Int64
     position: Int64
     complete: bool = True
+    positions: dict[str, Int64] = {}  # where it starts, per topic known now
 
 
 @body(PACKAGE.REQUEST_UNSUBSCRIBE)
@@ -643,6 +645,16 @@ def _check_packages() -> dict[PACKAGE, PACKAGE]:
     if problems:
         raise TypeError("PACKAGE is inconsistent: " + "; ".join(problems))
     return answers
+
+
+# Requests that may be sent again when the connection is lost before their answer: doing one
+# twice has the effect of doing it once (a subscription dies with its connection, so SUBSCRIBE
+# is among them; a blind KV_PUT or a PUBLISH is not). Add your own idempotent types here.
+IDEMPOTENT: Final[set[PACKAGE]] = {
+    PACKAGE.REQUEST_PING, PACKAGE.REQUEST_ECHO, PACKAGE.REQUEST_CHANGE_QUESTION_MARK,
+    PACKAGE.REQUEST_SERVER_INFO, PACKAGE.REQUEST_KV_GET, PACKAGE.REQUEST_KV_LIST,
+    PACKAGE.REQUEST_KV_DELETE, PACKAGE.REQUEST_DB_INFO, PACKAGE.REQUEST_SUBSCRIBE,
+}  # fmt: skip
 
 
 # ---- the check: runs at import, after every body above ---------------------------------
