@@ -455,6 +455,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--host", help="server address (HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="server port (PORT, default 1145)")
+    parser.add_argument(
+        "--endpoints", metavar="H:P,H:P", type=_endpoints,
+        help="servers to fail over between, instead of --host/--port",
+    )  # fmt: skip
     parser.add_argument("--tls", action="store_true", default=None, help="connect with TLS")
     parser.add_argument("--cafile", help="CA that signed the server certificate (implies --tls)")
     parser.add_argument("--timeout", type=float, help="per-request timeout in seconds")
@@ -576,7 +580,16 @@ def _client(args: argparse.Namespace, settings: Settings) -> Client:
     kwargs: dict[str, Any] = {"ssl": ssl}
     if args.timeout is not None:
         kwargs["timeout"] = args.timeout
+    if args.endpoints:
+        kwargs["endpoints"] = args.endpoints
     return Client.from_settings(settings, **kwargs)
+
+
+def _endpoints(text: str) -> list[tuple[str, int]]:
+    try:
+        return [parse_endpoint(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
