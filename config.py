@@ -38,6 +38,7 @@ __all__ = [
     "validate",
 ]
 
+BROKER_SCHEMES = ("memory", "nats", "redis", "rediss")
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 MIB = 1024 * 1024
 # The one settings file that may be missing: a bare machine runs on defaults. Any other file
@@ -152,6 +153,12 @@ class Settings:
             raise ConfigError(
                 f"MAX_REQUEST_TIMEOUT ({self.max_request_timeout}) must not be below "
                 f"REQUEST_TIMEOUT ({self.request_timeout})"
+            )
+        scheme = self.broker_url.partition("://")[0].lower()
+        if scheme not in BROKER_SCHEMES or "://" not in self.broker_url:
+            raise ConfigError(
+                "BROKER_URL must be memory://, nats://HOST:PORT or redis://HOST:PORT, "
+                f"got {self.broker_url!r}"
             )
 
     @property

@@ -260,3 +260,9 @@ def test_programs_exit_78_with_one_line_for_a_missing_settings_file(
         module.main(argv)
     assert exited.value.code == 78
     assert capsys.readouterr().err == f"error: settings file {str(missing)!r} does not exist\n"
+
+
+def test_an_unknown_broker_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigError, match="BROKER_URL must be"):
+        Settings(broker_url="kafka://127.0.0.1:9092")
+    assert Settings(broker_url="NATS://127.0.0.1:4222").broker_url == "NATS://127.0.0.1:4222"
