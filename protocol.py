@@ -208,9 +208,18 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append received bytes; call ``next_frame`` until it returns None."""
         if self._pieces:
-            self._pieces.append(data if type(data) is bytes else bytes(data))
-            self._gathered += len(data)
-            return
+            need = self._header[4] - self._gathered  # bytes of the gathered body still missing
+            if need > 0:
+                chunk = data if type(data) is bytes else bytes(data)
+                if len(chunk) <= need:
+                    self._pieces.append(chunk)
+                    self._gathered += len(chunk)
+                    return
+                view = memoryview(chunk)
+                self._pieces.append(view[:need])
+                self._gathered += need
+                data = bytes(view[need:])
+            # The gathered frame is complete: what follows waits in the buffer, in order.
         buffer, offset = self._buffer, self._offset
         if offset >= len(buffer):  # nothing pending: parse this chunk where it is
             self._buffer = data if type(data) is bytes else bytes(data)
@@ -229,9 +238,10 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as frames (a started frame if nonzero)."""
+        pending = len(self._buffer) - self._offset
         if self._pieces:
-            return HEADER_SIZE + self._gathered
-        return len(self._buffer) - self._offset
+            return HEADER_SIZE + self._gathered + pending
+        return pending
 
     def next_frame(self) -> Frame | None:
         """Return the next complete frame, or None when more bytes are needed.
@@ -278,14 +288,9 @@ class FrameDecoder:
     def _take_gathered(self) -> Frame | None:
         flags, kind, request_id, timeout_ms, length = self._header
         pieces = self._pieces
-        excess = self._gathered - length
-        if excess < 0:
+        if self._gathered < length:
             return None
-        if excess:  # the last chunk also holds the start of what follows
-            with memoryview(pieces[-1]) as last:
-                pieces[-1] = last[: len(last) - excess]
-                self._buffer = bytes(last[len(last) - excess :])
-        body = b"".join(pieces)  # the one copy of the body
+        body = b"".join(pieces)  # the one copy of the body (feed() kept what follows apart)
         for piece in pieces:
             if isinstance(piece, memoryview):
                 piece.release()

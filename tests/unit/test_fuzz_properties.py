@@ -82,20 +82,20 @@ def lazy_gather_input() -> bytes:
     return bytes([0, control, len(sizes), *(size - 1 for size in sizes)]) + first + second
 
 
-def test_a_finding_names_its_cause() -> None:
+def test_a_finding_names_its_cause(monkeypatch: pytest.MonkeyPatch) -> None:
     bad_magic = b"\0\0\0" + b"XY" + encode_frame(PACKAGE.REQUEST_PING, 1, b"\x80")[2:]
     fuzz_targets.one_input(bad_magic)  # a ProtocolError is the expected outcome, not a finding
+    fuzz_targets.one_input(lazy_gather_input())  # once lost a frame (fixed): no finding now
+
+    def broken(self: FrameDecoder) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(FrameDecoder, "next_frame", broken)
     with pytest.raises(fuzz_targets.Finding) as raised:
         fuzz_targets.one_input(lazy_gather_input())
-    assert raised.value.signature == "decoder-lazy/split-differs"
-    assert "whole stream: 2 frames" in raised.value.detail
+    assert raised.value.signature.startswith("decoder") and "RuntimeError" in raised.value.signature
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FrameDecoder._take_gathered assumes the bytes past a gathered frame lie in the last "
-    "chunk fed; fed twice before next_frame(), it returns a wrong body and loses what follows",
-)
 def test_a_large_frame_fed_in_several_reads_before_draining_decodes() -> None:
     body = bytes(range(256)) * 300  # 76 800 bytes: gathered in pieces (64 KiB and up)
     stream = encode_frame(PACKAGE.REQUEST_ECHO, 1, body) + encode_frame(
