@@ -34,6 +34,7 @@ __all__ = [
     "Settings",
     "load",
     "load_settings",
+    "parse_upstreams",
     "setting",
     "validate",
 ]
@@ -141,6 +142,9 @@ class Settings:
         "Bytes of pushes one connection may have unsent; beyond, it is caught up from history.",
         low=1024,
     )
+    upstreams: str = setting(
+        "", "Other pyasync servers actions call: name=host:port,host:port;name2=host:port."
+    )
 
     def __post_init__(self) -> None:
         validate(self)  # types, ranges and choices, as for values read by ``load()``
@@ -154,6 +158,7 @@ class Settings:
                 f"MAX_REQUEST_TIMEOUT ({self.max_request_timeout}) must not be below "
                 f"REQUEST_TIMEOUT ({self.request_timeout})"
             )
+        parse_upstreams(self.upstreams)  # raises ConfigError naming the bad part
         scheme = self.broker_url.partition("://")[0].lower()
         if scheme not in BROKER_SCHEMES or "://" not in self.broker_url:
             raise ConfigError(
@@ -176,6 +181,30 @@ class Settings:
 
 
 SettingsT = TypeVar("SettingsT")
+
+
+def parse_upstreams(text: str) -> dict[str, list[tuple[str, int]]]:
+    """``UPSTREAMS`` as {name: [(host, port), ...]}.
+
+    Raises:
+        ConfigError: a part is not ``name=host:port[,host:port...]``.
+    """
+    upstreams: dict[str, list[tuple[str, int]]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, endpoints = part.partition("=")
+        addresses: list[tuple[str, int]] = []
+        for endpoint in filter(None, (e.strip() for e in endpoints.split(","))):
+            host, _, port = endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                addresses = []
+                break
+            addresses.append((host.strip("[]"), int(port)))
+        if not name.strip() or not addresses:
+            raise ConfigError(
+                f"UPSTREAMS must be name=host:port[,host:port...] separated by ';', got {part!r}"
+            )
+        upstreams[name.strip()] = addresses
+    return upstreams
 
 
 def load_settings(

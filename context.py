@@ -17,8 +17,17 @@ from server_config import DatabaseSettings
 if TYPE_CHECKING:
     from broker import Broker, PushTarget, Subscription
     from database import DatabaseManager
+    from upstream import Upstreams
 
-__all__ = ["App", "Context", "ServerStats", "TLSInfo", "current_app", "set_current_app"]
+__all__ = [
+    "REQUEST_DEADLINE",
+    "App",
+    "Context",
+    "ServerStats",
+    "TLSInfo",
+    "current_app",
+    "set_current_app",
+]
 
 
 @dataclass(slots=True)
@@ -44,6 +53,7 @@ class App:
         connections: the open connections (their count is ``len(connections)``).
         database: the database manager, or None with ``DB_BACKEND=none``; ``connect()`` uses it.
         broker: the publish/subscribe broker (``BROKER_URL``); ``broker.publish()`` uses it.
+        upstreams: the other servers actions call (``UPSTREAMS``); ``upstream()`` uses them.
         state: resources that start-up hooks create for actions (a cache, a client).
     """
 
@@ -53,10 +63,15 @@ class App:
     connections: set[Any] = field(default_factory=set)
     database: DatabaseManager | None = None
     broker: Broker | None = None
+    upstreams: Upstreams | None = None
     state: dict[str, Any] = field(default_factory=dict)
 
 
 _current_app: ContextVar[App] = ContextVar("pyasync_current_app")
+
+# The event-loop time by which the request being served must be answered (None outside one):
+# the server sets it for each request that runs as a task; calls to upstreams stay within it.
+REQUEST_DEADLINE: ContextVar[float | None] = ContextVar("pyasync_request_deadline", default=None)
 
 
 def current_app() -> App:

@@ -28,6 +28,7 @@ from pyasync.connection import Connection, address_of
 from pyasync.router import ROUTER, AppHook, Router
 from pyasync.tls import build_server_ssl_context, make_self_signed_cert, openssl_command
 from server_config import DatabaseSettings
+from upstream import Upstreams
 from utils import EXIT_CONFIG, describe_error, handle_run_main, reuse_large_buffers, setup_logging
 
 __all__ = ["Server", "main", "serve"]
@@ -114,6 +115,7 @@ class Server:
             await self.app.database.start()
         self.app.broker = Broker(broker_settings(self.settings))
         await self.app.broker.start()
+        self.app.upstreams = Upstreams(self.settings)
         for hook in (*self.router.hooks.startup, *self._extra_startup_hooks):
             await hook(self.app)
         loop = asyncio.get_running_loop()
@@ -175,6 +177,8 @@ class Server:
                 await hook(self.app)
             except Exception:
                 log.exception("shutdown hook %s failed", getattr(hook, "__name__", hook))
+        if self.app.upstreams is not None:
+            await self.app.upstreams.close()
         if self.app.broker is not None:
             await self.app.broker.close()
         if self.app.database is not None:

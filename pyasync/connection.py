@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from context import Context, TLSInfo
+from context import REQUEST_DEADLINE, Context, TLSInfo
 from package import (
     PACKAGE,
     BrokenStream,
@@ -272,6 +272,7 @@ class Connection(asyncio.Protocol):
         timeout = frame.timeout_ms / 1000 if frame.timeout_ms else settings.request_timeout
         timeout = min(timeout, settings.max_request_timeout)
         request_id = frame.request_id
+        REQUEST_DEADLINE.set(self.loop.time() + timeout)  # this task's own context
         answering = self.router.answer(route, frame, self.ctx)
         del frame  # the router lets go of a large body once decoded; hold no copy here
         try:
