@@ -19,7 +19,8 @@ Any other exception is logged with its traceback and answered as ``INTERNAL``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 import database
@@ -36,6 +37,8 @@ from package import (
     EchoAnswer,
     EchoRequest,
     FailedPrecondition,
+    HelloAnswer,
+    HelloRequest,
     InvalidArgument,
     KvDeleteAnswer,
     KvDeleteRequest,
@@ -47,6 +50,7 @@ from package import (
     KvPutAnswer,
     KvPutRequest,
     NotFound,
+    PermissionDenied,
     PingAnswer,
     PingRequest,
     PublishAnswer,
@@ -56,6 +60,7 @@ from package import (
     ServerInfoRequest,
     SubscribeAnswer,
     SubscribeRequest,
+    Unauthenticated,
     Unavailable,
     UnsubscribeAnswer,
     UnsubscribeRequest,
@@ -84,20 +89,25 @@ __all__ = [
     "unpack_and_process",
 ]
 
+log = logging.getLogger("pyasync.actions")
+
 ActionT = TypeVar("ActionT", bound=Action)
 AppHookT = TypeVar("AppHookT", bound=AppHook)
 ConnectionHookT = TypeVar("ConnectionHookT", bound=ConnectionHook)
 
 
-def action(kind: PACKAGE) -> Callable[[ActionT], ActionT]:
+def action(kind: PACKAGE, *, scopes: Iterable[str] = ()) -> Callable[[ActionT], ActionT]:
     """Register the decorated function as the action for request type ``kind``.
+
+    ``scopes``: what a caller needs when authentication is on (``PERMISSION_DENIED`` else);
+    ``ctx.principal`` tells the action who calls.
 
     Raises:
         TypeError: ``kind`` is not a request type, or already has an action.
     """
 
     def register(function: ActionT) -> ActionT:
-        ROUTER.add(kind, function)
+        ROUTER.add(kind, function, scopes=scopes)
         return function
 
     return register
@@ -169,7 +179,7 @@ def change_question_mark(
     return ChangeQuestionMarkAnswer(text=request.text.replace("?", "!"))
 
 
-@action(PACKAGE.REQUEST_SERVER_INFO)
+@action(PACKAGE.REQUEST_SERVER_INFO, scopes=("server.info",))
 async def server_info(request: ServerInfoRequest, ctx: Context) -> ServerInfoAnswer:
     """Version, uptime, load and the configuration (never its secrets)."""
     app = ctx.app
@@ -351,6 +361,7 @@ async def subscribe(request: SubscribeRequest, ctx: Context) -> SubscribeAnswer:
         )
     if ctx.pushes is None:
         raise FailedPrecondition("this connection cannot take pushes")
+    _require(ctx, f"subscribe:{request.topic}")
     subscription, position, complete = await broker.subscribe(
         ctx.pushes, request.topic, since=request.since, positions=dict(request.positions)
     )
@@ -378,4 +389,44 @@ async def unsubscribe(request: UnsubscribeRequest, ctx: Context) -> UnsubscribeA
 @action(PACKAGE.REQUEST_PUBLISH)
 async def publish(request: PublishRequest, ctx: Context) -> PublishAnswer:
     """Publish to a topic; answered once the broker stored the message."""
+    _require(ctx, f"publish:{request.topic}")
     return PublishAnswer(offset=await _broker(ctx).publish(request.topic, request.data))
+
+
+def _require(ctx: Context, scope: str) -> None:
+    if ctx.principal is not None and not ctx.principal.allows(scope):
+        raise PermissionDenied(f"{ctx.principal.name} lacks a scope for {scope!r}")
+
+
+# ---- authentication --------------------------------------------------------------------------
+
+MAX_FAILED_HELLOS = 5  # then the connection is closed
+
+
+@action(PACKAGE.REQUEST_HELLO)
+async def hello(request: HelloRequest, ctx: Context) -> HelloAnswer:
+    """Authenticate the connection with a token (or its client certificate) and say who it is.
+
+    A wrong token is answered more slowly each time, and the connection is closed after
+    ``MAX_FAILED_HELLOS`` of them, so guessing is slow.
+    """
+    principals = ctx.app.principals
+    if request.token and principals is not None and principals.is_enabled:
+        principal = principals.for_token(request.token)
+        if principal is None:
+            failures = ctx.state["failed_hellos"] = ctx.state.get("failed_hellos", 0) + 1
+            log.info("c%d HELLO with an unknown token (%d so far)", ctx.connection_id, failures)
+            await asyncio.sleep(min(0.1 * 2 ** (failures - 1), 2.0))
+            if failures >= MAX_FAILED_HELLOS and ctx.close is not None:
+                asyncio.get_running_loop().call_soon(ctx.close, f"{failures} failed HELLOs")
+            raise Unauthenticated("the token is not valid", hint="check the token you were given")
+        ctx.principal = principal
+    if ctx.principal is None:
+        raise Unauthenticated("this server needs a token", hint="client.py --token (AUTH_TOKEN)")
+    if request.client_name:
+        ctx.state["client"] = f"{request.client_name} {request.client_version}".strip()
+    return HelloAnswer(
+        principal=ctx.principal.name,
+        scopes=sorted(ctx.principal.scopes),
+        server_version=__version__,
+    )

@@ -34,6 +34,8 @@ from package import (
     EchoRequest,
     ErrorAnswer,
     GapEvent,
+    HelloAnswer,
+    HelloRequest,
     InvalidArgument,
     KvDeleteAnswer,
     KvDeleteRequest,
@@ -46,9 +48,11 @@ from package import (
     PingRequest,
     PublishAnswer,
     PublishRequest,
+    RPCError,
     ServerInfoAnswer,
     ServerInfoRequest,
     Unavailable,
+    __version__,
     answer_kind_for,
     body_type,
     error_from_answer,
@@ -106,6 +110,8 @@ class Client:
             None leaves it to the server's REQUEST_TIMEOUT.
         compression: when to compress request bodies; None never compresses.
         max_frame_size: largest answer body accepted, in bytes.
+        token: sent in a HELLO as each connection opens, for servers that require one.
+        client_name: sent in that HELLO, for the server's logs.
     """
 
     def __init__(
@@ -121,7 +127,12 @@ class Client:
         timeout: float | None = 30.0,
         compression: Compression | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        token: str = "",
+        client_name: str = "pyasync-client",
     ) -> None:
+        self.token = token
+        self.client_name = client_name
+        self.principal = ""  # who the server took this client for (after a HELLO)
         self.endpoints = [parse_endpoint(e) for e in endpoints] if endpoints else [(host, port)]
         self.host, self.port = self.endpoints[0]
         self.reconnect = bool(endpoints) if reconnect is None else reconnect
@@ -154,6 +165,7 @@ class Client:
         kwargs.setdefault("timeout", settings.request_timeout)
         kwargs.setdefault("compression", settings.compression)
         kwargs.setdefault("max_frame_size", settings.max_frame_size)
+        kwargs.setdefault("token", settings.auth_token)
         return cls(host, settings.port, **kwargs)
 
     @property
@@ -205,6 +217,8 @@ class Client:
             except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
                 failure = exc
                 continue
+            if self.token:
+                await self._hello(protocol)
             self._next_endpoint = (index + 1) % count  # the next failover tries another first
             self.host, self.port, self._protocol = host, port, protocol
             if self.reconnect:
@@ -242,6 +256,29 @@ class Client:
             ) from None
         return protocol
 
+    async def _hello(self, protocol: ClientProtocol) -> None:
+        """Authenticate a new connection before any other request may use it."""
+        request = HelloRequest(token=self.token, client_name=self.client_name,
+                               client_version=__version__)  # fmt: skip
+        timeout = self.connect_timeout
+        _, future = protocol.send(
+            PACKAGE.REQUEST_HELLO, pack(PACKAGE.REQUEST_HELLO, request), math.ceil(timeout * 1000)
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                frame = await future
+        except BaseException:
+            protocol.close()
+            raise
+        if frame.kind == PACKAGE.ANSWER_ERROR:
+            protocol.close()
+            error = unpack(PACKAGE.ANSWER_ERROR, frame.body)
+            assert isinstance(error, ErrorAnswer)
+            raise error_from_answer(error)
+        answer = unpack(PACKAGE.ANSWER_HELLO, frame.body)
+        assert isinstance(answer, HelloAnswer)
+        self.principal = answer.principal
+
     def _connection_lost(self, lost: asyncio.Future[None]) -> None:
         if self._is_closing or self._ready is None:
             return
@@ -256,7 +293,7 @@ class Client:
             try:
                 await self._connect_any()
                 break
-            except (OSError, TimeoutError):
+            except (OSError, TimeoutError, RPCError):  # RPCError: a HELLO refused (for now)
                 await asyncio.sleep(random.uniform(delay / 2, delay))  # jitter: no stampede
                 delay = min(delay * 2, RECONNECT_MAX_DELAY)
         await asyncio.gather(*(s.resume() for s in list(self.subscriptions)))
@@ -455,6 +492,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--host", help="server address (HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="server port (PORT, default 1145)")
+    parser.add_argument("--token", help="token to authenticate with (AUTH_TOKEN)")
     parser.add_argument(
         "--endpoints", metavar="H:P,H:P", type=_endpoints,
         help="servers to fail over between, instead of --host/--port",
@@ -582,6 +620,8 @@ def _client(args: argparse.Namespace, settings: Settings) -> Client:
         kwargs["timeout"] = args.timeout
     if args.endpoints:
         kwargs["endpoints"] = args.endpoints
+    if args.token:
+        kwargs["token"] = args.token
     return Client.from_settings(settings, **kwargs)
 
 

@@ -142,6 +142,28 @@ class Settings:
         "Bytes of pushes one connection may have unsent; beyond, it is caught up from history.",
         low=1024,
     )
+    auth_tokens_file: str = setting(
+        "", "Principals, scopes and token hashes, one per line (python server.py --new-token)."
+    )
+    auth_tokens: str = setting(
+        "", "Principals as in AUTH_TOKENS_FILE, lines separated by ';'.", secret=True
+    )
+    auth_timeout: float = setting(
+        10.0, "Seconds a connection may stay unauthenticated when tokens are required.", low=0.001
+    )
+    auth_token: str = setting("", "Client: the token it sends in its HELLO.", secret=True)
+    allow_open: bool = setting(
+        False, "Serve a non-loopback address without authentication (anyone may call)."
+    )
+    max_connections_per_ip: int = setting(
+        256, "Connections one client address may hold; 0 = no limit.", low=0
+    )
+    rate_limit: float = setting(
+        20_000.0, "Requests per second one connection may send; 0 = no limit.", low=0
+    )
+    rate_burst: int = setting(
+        2_000, "Requests a connection may send at once above RATE_LIMIT's pace.", low=1
+    )
     upstreams: str = setting(
         "", "Other pyasync servers actions call: name=host:port,host:port;name2=host:port."
     )

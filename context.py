@@ -7,6 +7,7 @@ build them by hand.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from server_config import DatabaseSettings
 if TYPE_CHECKING:
     from broker import Broker, PushTarget, Subscription
     from database import DatabaseManager
+    from pyasync.auth import Principal, Principals
     from upstream import Upstreams
 
 __all__ = [
@@ -54,6 +56,7 @@ class App:
         database: the database manager, or None with ``DB_BACKEND=none``; ``connect()`` uses it.
         broker: the publish/subscribe broker (``BROKER_URL``); ``broker.publish()`` uses it.
         upstreams: the other servers actions call (``UPSTREAMS``); ``upstream()`` uses them.
+        principals: who may authenticate, and with which scopes (``AUTH_TOKENS_FILE``).
         state: resources that start-up hooks create for actions (a cache, a client).
     """
 
@@ -64,6 +67,7 @@ class App:
     database: DatabaseManager | None = None
     broker: Broker | None = None
     upstreams: Upstreams | None = None
+    principals: Principals | None = None
     state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -99,6 +103,7 @@ class TLSInfo:
     version: str | None
     cipher: str | None
     peer_certificate: dict[str, Any] | None  # only when clients must present one
+    principal: str | None = None  # the name a verified client certificate gives
 
 
 @dataclass(slots=True, eq=False)
@@ -113,6 +118,9 @@ class Context:
         state: free for actions and hooks to keep per-connection data in; dropped on close.
         pushes: where the broker pushes this connection's events (the server's connection).
         subscriptions: this connection's subscriptions by id; ended when it closes.
+        principal: who is calling: None until authenticated (only HELLO and PING are served
+            then); everyone is ``anonymous`` with every scope when authentication is off.
+        close: ends the connection (after what is already written), giving a reason to log.
     """
 
     app: App
@@ -122,3 +130,5 @@ class Context:
     state: dict[str, Any] = field(default_factory=dict)
     pushes: PushTarget | None = None
     subscriptions: dict[int, Subscription] = field(default_factory=dict)
+    principal: Principal | None = None
+    close: Callable[[str], None] | None = None

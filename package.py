@@ -14,6 +14,8 @@ from typing import Annotated, Any, ClassVar, Final, TypeVar
 import msgspec
 
 __all__ = [
+    "HelloRequest",
+    "HelloAnswer",
     "UnsubscribeRequest",
     "UnsubscribeAnswer",
     "SubscribeRequest",
@@ -115,6 +117,8 @@ class PACKAGE(enum.IntEnum):
     ANSWER_UNSUBSCRIBE = 23
     REQUEST_PUBLISH = 24
     ANSWER_PUBLISH = 25
+    REQUEST_HELLO = 26
+    ANSWER_HELLO = 27
 
     EVENT_MESSAGE = 40
     EVENT_GAP = 41
@@ -596,6 +600,25 @@ class PublishAnswer(Body, frozen=True, kw_only=True):
     offset: Int64
 
 
+@body(PACKAGE.REQUEST_HELLO)
+class HelloRequest(Body, frozen=True, kw_only=True):
+    """The first request of a connection: who the client is and, where the server requires
+    it, the token that authenticates it. Before it only HELLO and PING are served."""
+
+    token: str = ""
+    client_name: str = ""
+    client_version: str = ""
+
+
+@body(PACKAGE.ANSWER_HELLO)
+class HelloAnswer(Body, frozen=True, kw_only=True):
+    """Who the server takes the client for, and what it may do (``*``: everything)."""
+
+    principal: str
+    scopes: list[str]
+    server_version: str
+
+
 @body(PACKAGE.EVENT_MESSAGE)
 class MessageEvent(Body, frozen=True, kw_only=True):
     """A message pushed to a subscription (request id 0); offsets of a topic count from 1."""
@@ -654,6 +677,7 @@ IDEMPOTENT: Final[set[PACKAGE]] = {
     PACKAGE.REQUEST_PING, PACKAGE.REQUEST_ECHO, PACKAGE.REQUEST_CHANGE_QUESTION_MARK,
     PACKAGE.REQUEST_SERVER_INFO, PACKAGE.REQUEST_KV_GET, PACKAGE.REQUEST_KV_LIST,
     PACKAGE.REQUEST_KV_DELETE, PACKAGE.REQUEST_DB_INFO, PACKAGE.REQUEST_SUBSCRIBE,
+    PACKAGE.REQUEST_HELLO,
 }  # fmt: skip
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import ipaddress
 import itertools
 import logging
 import signal
@@ -24,6 +26,7 @@ from broker import Broker, BrokerSettings
 from config import ConfigError, Settings
 from context import App, set_current_app
 from database import DatabaseManager
+from pyasync.auth import AuthInterceptor, Principals
 from pyasync.connection import Connection, address_of
 from pyasync.router import ROUTER, AppHook, Router
 from pyasync.tls import build_server_ssl_context, make_self_signed_cert, openssl_command
@@ -65,8 +68,15 @@ class Server:
         self.app = App(
             self.settings, db_settings if db_settings is not None else server_config.load()
         )
-        self.router = router
+        self.app.principals = principals = Principals(self.settings)
+        if not principals.is_enabled and not self.settings.allow_open:
+            _refuse_open_off_loopback(self.settings.host)
+        # Authentication is this server's own step, not one of the shared router.
+        self.router = (
+            router.with_interceptors(AuthInterceptor(router)) if principals.is_enabled else router
+        )
         self.compression = self.settings.compression
+        self.connections_per_ip: collections.Counter[str] = collections.Counter()
         self.is_shutting_down = False
         self.should_exit = asyncio.Event()
         self.force_exit = False
@@ -93,12 +103,16 @@ class Server:
     def port(self) -> int:
         return self.address[1]
 
-    def refusal(self) -> str:
-        """Why a new connection is refused right now, or "" to accept it."""
+    def refusal(self, address: str) -> str:
+        """Why a new connection from ``address`` is refused right now, or "" to accept it."""
+        settings = self.settings
         if self.is_shutting_down:
             return "server is shutting down"
-        if len(self.app.connections) >= self.settings.max_connections:
-            return f"MAX_CONNECTIONS={self.settings.max_connections} reached"
+        if len(self.app.connections) >= settings.max_connections:
+            return f"MAX_CONNECTIONS={settings.max_connections} reached"
+        per_ip = settings.max_connections_per_ip
+        if per_ip and self.connections_per_ip[address] >= per_ip:
+            return f"MAX_CONNECTIONS_PER_IP={per_ip} reached for {address}"
         return ""
 
     async def start(self) -> None:
@@ -132,6 +146,9 @@ class Server:
         host, port = self._address = self._listener.sockets[0].getsockname()[:2]
         scheme = "TLS" if self.ssl_context else "TCP"
         log.info("listening on %s:%d (%s, %s)", host, port, scheme, type(loop).__module__)
+        assert self.app.principals is not None
+        if self.app.principals.by_hash and not self.ssl_context and not is_loopback(host):
+            log.warning("tokens travel in the clear on %s: enable TLS (ENABLE_TLS)", host)
 
     async def serve(self) -> None:
         """Start, run until SIGINT/SIGTERM, then shut down gracefully."""
@@ -259,6 +276,24 @@ class Server:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._hook_tasks.add(task)
         task.add_done_callback(self._hook_tasks.discard)
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def _refuse_open_off_loopback(host: str) -> None:
+    if not is_loopback(host):
+        raise ConfigError(
+            f"HOST={host} lets other machines call every action without authentication: set "
+            "AUTH_TOKENS_FILE or TLS_CLIENT_CA_FILE, or ALLOW_OPEN=true to serve anyone"
+        )
 
 
 def broker_settings(settings: Settings) -> BrokerSettings:

@@ -68,7 +68,8 @@ class Row:
 def pyasync(name: str, *, uvloop: bool = True, tls: bool = False, **env: str) -> Server:
     settings = {
         "USE_UVLOOP": str(uvloop).lower(), "LOG_LEVEL": "WARNING", "COMPRESSION_THRESHOLD": "0",
-        "IDLE_TIMEOUT": "0", "MAX_CONNECTIONS": "20000", "DB_BACKEND": "none", **env,
+        "IDLE_TIMEOUT": "0", "MAX_CONNECTIONS": "20000", "DB_BACKEND": "none",
+        "MAX_CONNECTIONS_PER_IP": "0", "RATE_LIMIT": "0", **env,
     }  # fmt: skip
     if tls:
         settings.update(ENABLE_TLS="true", TLS_CERT_FILE="{cert}", TLS_KEY_FILE="{key}")

@@ -20,6 +20,7 @@ from package import (
     DeadlineExceeded,
     ResourceExhausted,
     RPCError,
+    Unauthenticated,
     Unavailable,
 )
 from protocol import (
@@ -30,6 +31,7 @@ from protocol import (
     encode_frame,
     encode_frame_parts,
 )
+from pyasync.auth import ANONYMOUS
 from pyasync.deadlines import within
 from pyasync.router import ConnectionHook, Route, error_answer
 from pyasync.watchdog import Watchdog
@@ -56,9 +58,10 @@ class Connection(asyncio.Protocol):
     """
 
     __slots__ = (
-        "closed", "ctx", "decoder", "id", "is_closing", "is_draining", "is_read_paused",
-        "is_ready", "is_write_paused", "loop", "push_bytes", "push_waiter", "pushes",
-        "requests_answered", "router", "server", "settings", "tasks", "transport", "watchdog",
+        "address", "auth_timer", "closed", "ctx", "decoder", "id", "is_closing", "is_draining",
+        "is_read_paused", "is_ready", "is_throttled", "is_write_paused", "loop", "push_bytes",
+        "push_waiter", "pushes", "requests_answered", "router", "server", "settings", "tasks",
+        "tokens", "tokens_at", "transport", "watchdog",
     )  # fmt: skip  # thousands of idle connections: no per-instance dict
 
     def __init__(self, server: Server, connection_id: int) -> None:
@@ -81,7 +84,13 @@ class Connection(asyncio.Protocol):
         self.pushes: list[bytes] = []  # event frames waiting for this loop pass's write
         self.push_bytes = 0
         self.push_waiter: asyncio.Future[None] | None = None  # a replay waiting for room
+        self.address = ""  # the client's IP address, as counted for MAX_CONNECTIONS_PER_IP
+        self.auth_timer: asyncio.TimerHandle | None = None
+        self.tokens = float(settings.rate_burst)  # requests it may send now (token bucket)
+        self.tokens_at = self.loop.time()
+        self.is_throttled = False  # over RATE_LIMIT: not reading until tokens come back
         self.ctx.pushes = self
+        self.ctx.close = self._expire
         self.watchdog = Watchdog(
             self.loop, self, idle_timeout=settings.idle_timeout,
             frame_timeout=settings.frame_timeout, expire=self._expire,
@@ -98,9 +107,11 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.ctx.peer = peer
         self.ctx.tls = _tls_info(transport.get_extra_info("ssl_object"))
-        refusal = self.server.refusal()
+        address = peer[0] if isinstance(peer, tuple) else str(peer)
+        refusal = self.server.refusal(address)
         if refusal:
-            log.warning("c%d refused from %s: %s", self.id, address_of(peer), refusal)
+            level = logging.WARNING if "MAX_CONNECTIONS=" in refusal else logging.INFO
+            log.log(level, "c%d refused from %s: %s", self.id, address_of(peer), refusal)
             self._send_error(
                 CONNECTION_REQUEST_ID, ResourceExhausted(f"connection refused: {refusal}")
             )
@@ -108,6 +119,9 @@ class Connection(asyncio.Protocol):
             transport.close()
             return
         self.ctx.app.connections.add(self)
+        self.address = address
+        self.server.connections_per_ip[address] += 1
+        self._authenticate_by_certificate()
         tls = f" over {self.ctx.tls.version}" if self.ctx.tls else ""
         log.info("c%d connected from %s%s", self.id, address_of(peer), tls)
         if self.router.hooks.connect:
@@ -139,6 +153,9 @@ class Connection(asyncio.Protocol):
             self.closed.set_result(None)
             return
         connections.discard(self)
+        self._forget_address()
+        if self.auth_timer is not None:
+            self.auth_timer.cancel()
         self._wake_pusher()
         if self.ctx.subscriptions and self.ctx.app.broker is not None:
             self.ctx.app.broker.drop(self.ctx.subscriptions.values())
@@ -219,6 +236,9 @@ class Connection(asyncio.Protocol):
             return
         decoder, tasks, router, ctx = self.decoder, self.tasks, self.router, self.ctx
         refuse = self.is_draining and self.server.is_shutting_down
+        rate = self.settings.rate_limit
+        if rate:
+            self._refill(rate)
         answers: list[bytes] = []  # encoded frames, or header and body apart for large ones
         answered = 0
         large = False
@@ -260,6 +280,60 @@ class Connection(asyncio.Protocol):
         self.watchdog.frames_taken(took_any=took_any, buffered=decoder.buffered)
         if self.is_read_paused or room <= 0:
             self._set_reading()
+
+    # ---- limits -----------------------------------------------------------------------------
+
+    def _refill(self, rate: float) -> None:
+        now = self.loop.time()
+        self.tokens = min(self.settings.rate_burst, self.tokens + (now - self.tokens_at) * rate)
+        self.tokens_at = now
+
+    def _throttle(self, rate: float) -> tuple[PACKAGE, bytes]:
+        """The answer to a request over RATE_LIMIT; reading pauses until one may be sent."""
+        wait = (1 - self.tokens) / rate
+        if not self.is_throttled:
+            self.is_throttled = True
+            self._set_reading()
+            self.loop.call_later(wait, self._unthrottle)
+        return error_answer(
+            ResourceExhausted(
+                f"more than RATE_LIMIT={rate:g} requests/s on this connection",
+                hint=f"retry in {max(1, round(wait * 1000))} ms",
+            )
+        )
+
+    def _unthrottle(self) -> None:
+        self.is_throttled = False
+        self._set_reading()
+        self._take_frames()
+
+    def _forget_address(self) -> None:
+        counts = self.server.connections_per_ip
+        counts[self.address] -= 1
+        if counts[self.address] <= 0:
+            del counts[self.address]
+
+    def _authenticate_by_certificate(self) -> None:
+        """Everyone is anonymous without authentication; else a verified client certificate
+        names the principal, or the client has AUTH_TIMEOUT to send a HELLO with a token."""
+        principals = self.ctx.app.principals
+        if principals is None or not principals.is_enabled:
+            self.ctx.principal = ANONYMOUS
+            return
+        tls = self.ctx.tls
+        self.ctx.principal = principals.for_certificate(tls.principal if tls else None)
+        if self.ctx.principal is None:
+            self.auth_timer = self.loop.call_later(self.settings.auth_timeout, self._auth_expired)
+
+    def _auth_expired(self) -> None:
+        self.auth_timer = None
+        if self.ctx.principal is None and not self.is_closing:
+            timeout = self.settings.auth_timeout
+            self._send_error(
+                CONNECTION_REQUEST_ID,
+                Unauthenticated(f"no HELLO with a valid token within AUTH_TIMEOUT={timeout:g} s"),
+            )
+            self._expire(f"not authenticated within {timeout:g} s")
 
     def _start(self, route: Route, frame: Frame) -> None:
         request_id = frame.request_id
@@ -347,6 +421,7 @@ class Connection(asyncio.Protocol):
             return
         should_read = (
             self.is_ready
+            and not self.is_throttled
             and not self.is_draining
             and not self.is_write_paused
             and len(self.tasks) < self.settings.max_in_flight

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -79,6 +79,7 @@ class Route:
     answer: PACKAGE
     function: Action
     inline: bool  # a plain function: answered as its frame is decoded, without a task
+    scopes: frozenset[str] = frozenset()  # what a principal needs to call it (with auth on)
 
 
 @dataclass(slots=True)
@@ -99,7 +100,14 @@ class Router:
         self.hooks = Hooks()
         self.interceptors: list[Interceptor] = []
 
-    def add(self, kind: PACKAGE, function: Action, *, replace: bool = False) -> None:
+    def add(
+        self,
+        kind: PACKAGE,
+        function: Action,
+        *,
+        scopes: Iterable[str] = (),
+        replace: bool = False,
+    ) -> None:
         """Make ``function`` the action of request type ``kind``.
 
         A coroutine function (or an object whose ``__call__`` is one) runs as a task of its
@@ -113,7 +121,15 @@ class Router:
         if kind in self.routes and not replace:
             name = getattr(self.routes[kind].function, "__name__", "another action")
             raise TypeError(f"{kind.name} already has action {name}")
-        self.routes[kind] = make_route(kind, function)
+        self.routes[kind] = make_route(kind, function, scopes)
+
+    def with_interceptors(self, *steps: Interceptor) -> Router:
+        """A router sharing this one's actions and hooks, with ``steps`` run after its own
+        interceptors: a server's own steps (authentication) stay out of the shared router."""
+        router = Router()
+        router.routes, router.hooks = self.routes, self.hooks
+        router.interceptors = [*self.interceptors, *steps]
+        return router
 
     def add_interceptor(self, step: Interceptor) -> None:
         """Run ``step`` around every request, after the steps added before it."""
@@ -231,12 +247,12 @@ class Router:
         )
 
 
-def make_route(kind: PACKAGE, function: Action) -> Route:
+def make_route(kind: PACKAGE, function: Action, scopes: Iterable[str] = ()) -> Route:
     """The route serving request type ``kind`` with ``function`` (see ``Router.add``)."""
     is_async = inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
         getattr(function, "__call__", None)  # noqa: B004  # an async __call__ counts
     )
-    return Route(kind, answer_kind_for(kind), function, not is_async)
+    return Route(kind, answer_kind_for(kind), function, not is_async, frozenset(scopes))
 
 
 def error_answer(error: RPCError) -> Answer:

@@ -317,8 +317,10 @@ async def test_readers_get_everything_while_non_readers_stay_bounded(
     and the server's memory stays bounded. ``PYASYNC_MESSAGES`` raises the message count
     (100,000 is the full-size run; CI runs 2,000)."""
     messages = int(os.environ.get("PYASYNC_MESSAGES", "2000"))
-    env = clean_env(BROKER_URL=broker_url, HISTORY_SIZE=str(messages), LOG_LEVEL="INFO",
-                    MAX_CONNECTIONS="2000", DB_BACKEND="none")  # fmt: skip
+    env = clean_env(
+        BROKER_URL=broker_url, HISTORY_SIZE=str(messages), LOG_LEVEL="INFO",
+        MAX_CONNECTIONS="2000", MAX_CONNECTIONS_PER_IP="0", DB_BACKEND="none",
+    )  # fmt: skip
     server = start_server_process(ROOT, env=env)
     loop = asyncio.get_running_loop()
     readers: list[CountingReader] = []

@@ -48,7 +48,7 @@ def test_loadgen_echoes_small_and_large_bodies_through_the_server(
     loadgen: Path, tmp_path: Path
 ) -> None:
     server = start_server_process(
-        tmp_path, env=clean_env(COMPRESSION_THRESHOLD="0", DB_BACKEND="none")
+        tmp_path, env=clean_env(COMPRESSION_THRESHOLD="0", DB_BACKEND="none", RATE_LIMIT="0")
     )
     try:
         small = run_loadgen(loadgen, server.port, "--proto", "pyasync", "--connections", "4",
@@ -87,7 +87,7 @@ def test_loadgen_reads_keys_through_the_server(loadgen: Path, tmp_path: Path) ->
          "--sqlite-path", database],
         check=True, timeout=60,
     )  # fmt: skip
-    env = clean_env(DB_BACKEND="sqlite", SQLITE_PATH=database, KV_TABLE="bench_kv")
+    env = clean_env(DB_BACKEND="sqlite", SQLITE_PATH=database, KV_TABLE="bench_kv", RATE_LIMIT="0")
     server = start_server_process(tmp_path, env=env)
     try:
         result = run_loadgen(loadgen, server.port, "--proto", "pyasync", "--keys", "10000",
