@@ -241,7 +241,7 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value  # MariaDB returns VARBINARY
 
 
-@action(PACKAGE.REQUEST_KV_PUT)
+@action(PACKAGE.REQUEST_KV_PUT, scopes=("kv.write",))
 async def kv_put(request: KvPutRequest, ctx: Context) -> KvPutAnswer:
     """Store a value; with ``expected_version``, only if the stored version matches."""
     _check_key(request.key)
@@ -286,7 +286,7 @@ async def kv_put(request: KvPutRequest, ctx: Context) -> KvPutAnswer:
     raise Unavailable(f"key {key!r} kept changing under {PUT_ATTEMPTS} attempts", hint="retry")
 
 
-@action(PACKAGE.REQUEST_KV_GET)
+@action(PACKAGE.REQUEST_KV_GET, scopes=("kv.read",))
 async def kv_get(request: KvGetRequest, ctx: Context) -> KvGetAnswer:
     """The value and version stored under a key."""
     _check_key(request.key)
@@ -297,7 +297,7 @@ async def kv_get(request: KvGetRequest, ctx: Context) -> KvGetAnswer:
     return KvGetAnswer(value=bytes(row["v"]), version=int(row["version"]))
 
 
-@action(PACKAGE.REQUEST_KV_DELETE)
+@action(PACKAGE.REQUEST_KV_DELETE, scopes=("kv.write",))
 async def kv_delete(request: KvDeleteRequest, ctx: Context) -> KvDeleteAnswer:
     """Delete a key; with ``expected_version``, only at that version (else CONFLICT)."""
     _check_key(request.key)
@@ -314,7 +314,7 @@ async def kv_delete(request: KvDeleteRequest, ctx: Context) -> KvDeleteAnswer:
     return KvDeleteAnswer(deleted=bool(deleted))
 
 
-@action(PACKAGE.REQUEST_KV_LIST)
+@action(PACKAGE.REQUEST_KV_LIST, scopes=("kv.read",))
 async def kv_list(request: KvListRequest, ctx: Context) -> KvListAnswer:
     """Keys with a prefix, in byte order, a page at a time."""
     if not 1 <= request.limit <= MAX_LIST_LIMIT:
@@ -334,7 +334,7 @@ async def kv_list(request: KvListRequest, ctx: Context) -> KvListAnswer:
     return KvListAnswer(items=items, next_cursor=next_cursor)
 
 
-@action(PACKAGE.REQUEST_DB_INFO)
+@action(PACKAGE.REQUEST_DB_INFO, scopes=("kv.read",))
 async def db_info(request: DbInfoRequest, ctx: Context) -> DbInfoAnswer:
     """Backend, server version, pool use, and whether the database answers right now."""
     return DbInfoAnswer(**await database.current_manager().info())

@@ -257,7 +257,10 @@ class Connection(asyncio.Protocol):
                     kind, body = error_answer(
                         Unavailable("server is shutting down; retry elsewhere")
                     )
+                elif rate and self.tokens < 1:
+                    kind, body = self._throttle(rate)
                 else:
+                    self.tokens -= 1
                     try:
                         route = router.route(frame.kind)
                     except RPCError as exc:
