@@ -26,7 +26,7 @@ from broker import Broker, BrokerSettings
 from config import ConfigError, Settings
 from context import App, set_current_app
 from database import DatabaseManager
-from pyasync.auth import AuthInterceptor, Principals
+from pyasync.auth import AuthInterceptor, Principals, new_token_line
 from pyasync.connection import Connection, address_of
 from pyasync.router import ROUTER, AppHook, Router
 from pyasync.tls import build_server_ssl_context, make_self_signed_cert, openssl_command
@@ -337,6 +337,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--env-file", default=".env", help="settings file (default: .env)")
     parser.add_argument(
+        "--new-token", nargs=2, metavar=("NAME", "SCOPES"),
+        help="print a new token for NAME and the AUTH_TOKENS_FILE line granting SCOPES "
+        "(comma-separated, e.g. kv.read,publish:chat.>), and exit",
+    )  # fmt: skip
+    parser.add_argument(
         "--make-cert", metavar="DIR", type=Path,
         help="write a self-signed cert.pem/key.pem for localhost into DIR and exit",
     )  # fmt: skip
@@ -347,6 +352,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point: ``python server.py [--host H] [--port P]``."""
     args = _parse_args(argv)
     try:
+        if args.new_token is not None:
+            token, line = new_token_line(*args.new_token)
+            print(f"token (give it to the client; it is not stored): {token}")
+            print(f"line for AUTH_TOKENS_FILE: {line}")
+            return
         if args.make_cert is not None:
             cert, key = make_self_signed_cert(args.make_cert)
             print(f"wrote {cert} and {key}; the same with openssl:")
