@@ -162,7 +162,7 @@ class Settings:
         20_000.0, "Requests per second one connection may send; 0 = no limit.", low=0
     )
     rate_burst: int = setting(
-        2_000, "Requests a connection may send at once above RATE_LIMIT's pace.", low=1
+        1_000, "Requests a connection may send at once above RATE_LIMIT's pace.", low=1
     )
     upstreams: str = setting(
         "", "Other pyasync servers actions call: name=host:port,host:port;name2=host:port."
@@ -322,8 +322,8 @@ def _fields(cls: type[Any]) -> tuple[FieldSpec, ...]:
 
 
 def _read_env_file(env_file: str | Path | None) -> Mapping[str, str | None]:
-    """The variables of ``env_file``; {} for None or a missing ``DEFAULT_ENV_FILE``."""
-    if env_file is None:
+    """The variables of ``env_file``; {} for None, os.devnull or a missing ``DEFAULT_ENV_FILE``."""
+    if env_file is None or str(env_file) == os.devnull:  # --env-file /dev/null: read none
         return {}
     path = Path(env_file)
     if not path.exists():

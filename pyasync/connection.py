@@ -47,6 +47,9 @@ LARGE_WRITE = 64 * 1024  # bytes; answers larger than this are written without j
 # A plain-function action runs inline only on bodies up to this size: decoding and answering a
 # large body holds the event loop (16 MiB: ~55 ms), so it runs in a task like any other.
 INLINE_MAX_BODY = 64 * 1024  # bytes
+# A connection over RATE_LIMIT is not read for at least this long: short pauses would let a
+# flood cost a wake-up (and a read full of refusals) every few frames.
+THROTTLE_PAUSE = 0.05  # seconds
 
 
 class Connection(asyncio.Protocol):
@@ -59,9 +62,9 @@ class Connection(asyncio.Protocol):
 
     __slots__ = (
         "address", "auth_timer", "closed", "ctx", "decoder", "id", "is_closing", "is_draining",
-        "is_read_paused", "is_ready", "is_throttled", "is_write_paused", "loop", "push_bytes",
+        "is_read_paused", "is_ready", "is_write_paused", "loop", "push_bytes", "refused",
         "push_waiter", "pushes", "requests_answered", "router", "server", "settings", "tasks",
-        "tokens", "tokens_at", "transport", "watchdog",
+        "throttle_answer", "tokens", "tokens_at", "transport", "watchdog",
     )  # fmt: skip  # thousands of idle connections: no per-instance dict
 
     def __init__(self, server: Server, connection_id: int) -> None:
@@ -88,7 +91,10 @@ class Connection(asyncio.Protocol):
         self.auth_timer: asyncio.TimerHandle | None = None
         self.tokens = float(settings.rate_burst)  # requests it may send now (token bucket)
         self.tokens_at = self.loop.time()
-        self.is_throttled = False  # over RATE_LIMIT: not reading until tokens come back
+        # Over RATE_LIMIT: the answer refused requests get, and how many got it, until tokens
+        # come back; reading stops meanwhile, and taking frames after RATE_BURST refusals.
+        self.throttle_answer: tuple[PACKAGE, bytes] | None = None
+        self.refused = 0
         self.ctx.pushes = self
         self.ctx.close = self._expire
         self.watchdog = Watchdog(
@@ -245,7 +251,7 @@ class Connection(asyncio.Protocol):
         took_any = False
         room = self.settings.max_in_flight - len(tasks)
         try:
-            while room > 0:
+            while room > 0 and self.refused < self.settings.rate_burst:
                 frame = decoder.next_frame()
                 if frame is None:
                     break
@@ -259,6 +265,7 @@ class Connection(asyncio.Protocol):
                     )
                 elif rate and self.tokens < 1:
                     kind, body = self._throttle(rate)
+                    self.refused += 1
                 else:
                     self.tokens -= 1
                     try:
@@ -292,21 +299,23 @@ class Connection(asyncio.Protocol):
         self.tokens_at = now
 
     def _throttle(self, rate: float) -> tuple[PACKAGE, bytes]:
-        """The answer to a request over RATE_LIMIT; reading pauses until one may be sent."""
-        wait = (1 - self.tokens) / rate
-        if not self.is_throttled:
-            self.is_throttled = True
+        """The answer to a request over RATE_LIMIT, made once per episode (a flood costs little
+        per frame); reading pauses until tokens come back."""
+        if self.throttle_answer is None:
+            wait = max((1 - self.tokens) / rate, THROTTLE_PAUSE)
+            self.throttle_answer = error_answer(
+                ResourceExhausted(
+                    f"more than RATE_LIMIT={rate:g} requests/s on this connection",
+                    hint=f"retry in {round(wait * 1000)} ms",
+                )
+            )
             self._set_reading()
             self.loop.call_later(wait, self._unthrottle)
-        return error_answer(
-            ResourceExhausted(
-                f"more than RATE_LIMIT={rate:g} requests/s on this connection",
-                hint=f"retry in {max(1, round(wait * 1000))} ms",
-            )
-        )
+        return self.throttle_answer
 
     def _unthrottle(self) -> None:
-        self.is_throttled = False
+        self.throttle_answer = None
+        self.refused = 0
         self._set_reading()
         self._take_frames()
 
@@ -424,7 +433,7 @@ class Connection(asyncio.Protocol):
             return
         should_read = (
             self.is_ready
-            and not self.is_throttled
+            and self.throttle_answer is None
             and not self.is_draining
             and not self.is_write_paused
             and len(self.tasks) < self.settings.max_in_flight

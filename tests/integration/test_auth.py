@@ -152,14 +152,13 @@ async def test_requests_above_the_rate_are_refused_with_a_retry_hint() -> None:
         await raw.send(
             b"".join(encode_frame(PACKAGE.REQUEST_PING, i, b"\x80") for i in range(1, 31))
         )
-        frames = [await raw.read_frame() for _ in range(30)]
+        frames = [await raw.read_frame() for _ in range(30)]  # every request is answered
         kinds = [frame.kind for frame in frames if frame is not None]
-        assert kinds.count(PACKAGE.ANSWER_PING) == 10  # the burst
-        refusals = [error_of(f) for f in frames if f is not None and f.kind == PACKAGE.ANSWER_ERROR]
-        assert len(refusals) == 20
-        assert all(
-            r.code == ErrorCode.RESOURCE_EXHAUSTED and "retry in" in r.hint for r in refusals
-        )
+        assert kinds[:10] == [PACKAGE.ANSWER_PING] * 10  # the burst
+        refusals = [error_of(f) for f in frames if f and f.kind == PACKAGE.ANSWER_ERROR]
+        assert 10 <= len(refusals) < 20  # refused now, or held back until tokens came back
+        assert all(r.code == ErrorCode.RESOURCE_EXHAUSTED for r in refusals)
+        assert all("retry in" in r.hint for r in refusals)
         await asyncio.sleep(0.1)  # what the hint asked: the bucket refills at 50/s
         await raw.send(encode_frame(PACKAGE.REQUEST_PING, 99, b"\x80"))
         frame = await raw.read_frame()

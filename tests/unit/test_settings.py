@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import ssl
 from pathlib import Path
 from typing import Any
@@ -266,3 +267,7 @@ def test_an_unknown_broker_is_a_configuration_error() -> None:
     with pytest.raises(ConfigError, match="BROKER_URL must be"):
         Settings(broker_url="kafka://127.0.0.1:9092")
     assert Settings(broker_url="NATS://127.0.0.1:4222").broker_url == "NATS://127.0.0.1:4222"
+
+
+def test_the_null_device_as_env_file_reads_nothing() -> None:
+    assert config.load(env_file=os.devnull, environ={}) == Settings()

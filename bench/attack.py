@@ -1,0 +1,141 @@
+"""Is another client still served while one address attacks? Prints the victim's latency.
+
+    python bench/attack.py [--seconds 5] [--rate 200]
+
+Starts ``server.py`` (default limits: MAX_CONNECTIONS_PER_IP, RATE_LIMIT) pinned to CPU 0 and,
+from CPU 1, measures a victim on 127.0.0.2 sending PINGs at a fixed rate, first alone, then while
+an attacker on 127.0.0.1 opens 1,000 connections and floods one of them with pipelined PINGs.
+Reports the victim's p50/p99 both ways and what the attacker was refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from package import PACKAGE  # noqa: E402
+from protocol import FrameDecoder, encode_frame  # noqa: E402
+
+LISTENING = re.compile(r"listening on (\S+):(\d+)")
+
+
+async def victim(port: int, seconds: float, rate: float) -> list[float]:
+    """Round trips (seconds) of PINGs sent from 127.0.0.2 at ``rate`` per second."""
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+    decoder = FrameDecoder()
+    samples: list[float] = []
+    stop = loop.time() + seconds
+    request_id = 0
+    while loop.time() < stop:
+        request_id += 1
+        began = time.perf_counter()
+        writer.write(encode_frame(PACKAGE.REQUEST_PING, request_id, b"\x80"))
+        while decoder.next_frame() is None:
+            decoder.feed(await reader.read(65536))
+        samples.append(time.perf_counter() - began)
+        await asyncio.sleep(1 / rate)
+    writer.close()
+    return samples
+
+
+async def attack(port: int, seconds: float) -> dict[str, int]:
+    """1,000 connections from 127.0.0.1, and a flood of PINGs on one of them."""
+    refused = opened = 0
+    writers: list[asyncio.StreamWriter] = []
+    for _ in range(1000):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            refused += 1
+            continue
+        writers.append(writer)
+        opened += 1
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.3", 0))
+    burst = b"".join(encode_frame(PACKAGE.REQUEST_PING, i, b"\x80") for i in range(1, 1001))
+    decoder = FrameDecoder()
+    answers = throttled = 0
+    stop = asyncio.get_running_loop().time() + seconds
+
+    async def drain() -> None:
+        nonlocal answers, throttled
+        while data := await reader.read(1 << 16):
+            decoder.feed(data)
+            while (frame := decoder.next_frame()) is not None:
+                answers += 1
+                throttled += frame.kind == PACKAGE.ANSWER_ERROR
+
+    draining = asyncio.create_task(drain())
+    while asyncio.get_running_loop().time() < stop:
+        writer.write(burst)
+        await writer.drain()
+    draining.cancel()
+    for each in (*writers, writer):
+        each.close()
+    return {"connections_opened": opened, "flood_answers": answers, "flood_throttled": throttled}
+
+
+def percentile(samples: list[float], share: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * share))] * 1000
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rate", type=float, default=200.0, help="victim PINGs per second")
+    parser.add_argument("--attack", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.attack:  # the attacker runs in a process of its own, so the victim's loop is free
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, {1})
+        print(await attack(args.attack, args.seconds))
+        return
+    env = {**os.environ, "LOG_LEVEL": "INFO", "DB_BACKEND": "none"}
+    server = await asyncio.create_subprocess_exec(
+        "taskset", "-c", "0", sys.executable, "server.py", "--port", "0", "--env-file",
+        os.devnull, cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert server.stderr is not None
+        port = 0
+        while line := (await server.stderr.readline()).decode():
+            if match := LISTENING.search(line):
+                port = int(match.group(2))
+                break
+        if not port:
+            sys.exit("bench: the server did not start")
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, {1})
+        alone = await victim(port, args.seconds, args.rate)
+        attacker = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--attack", str(port), "--seconds", str(args.seconds),
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        attacked = await victim(port, args.seconds, args.rate)
+        outcome = (await attacker.communicate())[0].decode().strip()
+        print(f"victim alone:      p50 {percentile(alone, 0.5):.3f} ms  "
+              f"p99 {percentile(alone, 0.99):.3f} ms  ({len(alone)} pings)")  # fmt: skip
+        print(f"victim, attacked:  p50 {percentile(attacked, 0.5):.3f} ms  "
+              f"p99 {percentile(attacked, 0.99):.3f} ms  ({len(attacked)} pings)")  # fmt: skip
+        ratio = percentile(attacked, 0.99) / percentile(alone, 0.99)
+        print(f"p99 ratio: {ratio:.2f} (target <= 2)  mean attacked "
+              f"{statistics.mean(attacked) * 1000:.3f} ms")  # fmt: skip
+        print(f"attacker: {outcome}")
+    finally:
+        server.terminate()
+        await server.wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
