@@ -3,10 +3,12 @@
 Actions write ``async with connect() as db:`` and call ``fetch``/``fetchrow``/``fetchval``/
 ``execute``/``executemany`` with ``$1, $2`` placeholders on every backend; parameters are always
 bound by the driver. A connection whose query was cancelled, timed out or lost its server is
-closed, never handed to the next request. Driver errors are translated once, by the adapter of
-each driver (``pyasync/db_adapters.py``): unreachable -> ``Unavailable``, too slow ->
-``DeadlineExceeded``, duplicate key -> ``UniqueViolation``, anything else -> ``Internal``
-(logged, not sent). The adapters and the pool live in ``pyasync/``; this module is the face.
+closed, never handed to the next request. Driver errors are translated once, alike on every
+backend, by the adapter of each driver (``pyasync/db_adapters.py``): a lost connection ->
+``Unavailable``, too slow -> ``DeadlineExceeded``, duplicate key -> ``UniqueViolation``
+(``ALREADY_EXISTS``), deadlock or busy -> ``TransientError`` (``ABORTED``), a bad statement ->
+``Internal`` (details in the server log only). The adapters and the pool live in
+``pyasync/``; this module is the face.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from typing import Any, Protocol
 
 from context import current_app
 from package import DeadlineExceeded, Internal, Unavailable
-from pyasync.db_adapters import Adapter, ConnectionReleased, Record, UniqueViolation
+from pyasync.db_adapters import (
+    Adapter,
+    ConnectionReleased,
+    Record,
+    TransientError,
+    UniqueViolation,
+)
 from pyasync.db_pool import Pool
 from server_config import DatabaseSettings
 
@@ -31,6 +39,7 @@ __all__ = [
     "DatabaseManager",
     "Pool",
     "Record",
+    "TransientError",
     "UniqueViolation",
     "connect",
     "current_manager",

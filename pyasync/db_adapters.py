@@ -2,10 +2,22 @@
 
 Each adapter owns everything its backend does differently: how to open and close a connection,
 how to ask for the server's version, how placeholders are written, and what a driver exception
-means. A driver exception is translated here, once: unreachable -> ``Unavailable`` (the
-connection is discarded), too slow -> ``DeadlineExceeded`` (discarded), duplicate key ->
-``UniqueViolation``, anything else -> ``Internal`` (logged, not sent). ``database.py``
-re-exports what users call.
+means. A driver exception is translated here, once, into what the request answers:
+
+========================  ===========================  ==========================================
+failure                   raised                       the connection
+========================  ===========================  ==========================================
+lost, unreachable         ``package.Unavailable``      discarded
+too slow                  ``package.DeadlineExceeded`` discarded (the query may still run)
+duplicate key             ``UniqueViolation``          kept
+deadlock, lock timeout,   ``TransientError``           kept
+serialization, busy
+bad statement             ``package.Internal``         kept if the driver says it is usable
+anything else             ``package.Internal``         discarded
+========================  ===========================  ==========================================
+
+The details of an ``Internal`` failure (the driver's message, the statement) go to the server
+log only, never to the client. ``database.py`` re-exports what users call.
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from typing import Any, ClassVar, Self
 
-from package import DeadlineExceeded, Internal, Unavailable
+from package import Aborted, AlreadyExists, DeadlineExceeded, Internal, Unavailable
 from pyasync.deadlines import within
 from server_config import DatabaseSettings
 
@@ -35,6 +47,7 @@ __all__ = [
     "PostgresAdapter",
     "Record",
     "SQLiteAdapter",
+    "TransientError",
     "UniqueViolation",
     "adapter_class",
 ]
@@ -42,13 +55,42 @@ __all__ = [
 log = logging.getLogger("pyasync.database")
 
 Record = dict[str, Any]  # column name -> value, the same on every backend
+STATEMENT_IN_LOG = 300  # characters of a failed statement quoted in the server log
 
 
 # ---- what users catch ---------------------------------------------------------------------------
 
 
-class UniqueViolation(Exception):
-    """Raised when an insert or update hits an existing primary or unique key."""
+class UniqueViolation(AlreadyExists):
+    """Raised when an insert or update hits an existing primary or unique key.
+
+    Catch it to answer in the action's own words. Uncaught, the client gets ``ALREADY_EXISTS``
+    with this generic message: the driver's own text quotes the row, so it stays in ``detail``.
+    """
+
+    def __init__(
+        self,
+        message: str = "a row with the same unique key exists already",
+        *,
+        hint: str = "",
+        detail: str = "",
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.detail = detail
+
+
+class TransientError(Aborted):
+    """Raised when the database gave a statement up because of concurrent ones.
+
+    A deadlock (MariaDB 1213, PostgreSQL 40P01), a lock wait timeout (MariaDB 1205, PostgreSQL
+    55P03), a serialization failure (PostgreSQL 40001) or a busy SQLite file: the transaction
+    was rolled back, or must be, and running it again usually succeeds; ``database.retrying``
+    does that. Uncaught, the client gets ``ABORTED`` and may retry the request.
+    """
+
+    def __init__(self, message: str, *, hint: str = "retry", detail: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.detail = detail
 
 
 class ConnectionReleased(RuntimeError):
@@ -62,9 +104,11 @@ class ConnectionReleased(RuntimeError):
 class Failure(enum.Enum):
     """What a driver exception means for the request and for its connection."""
 
-    LOST = "lost"  # the connection is unusable: Unavailable, discarded
-    UNIQUE = "unique"  # duplicate key: UniqueViolation
-    OTHER = "other"  # anything else: Internal
+    LOST = "lost"  # the connection or the file is unusable: Unavailable, discarded
+    UNIQUE = "unique"  # duplicate key: UniqueViolation, kept
+    TRANSIENT = "transient"  # lost a race with another transaction: TransientError, kept
+    STATEMENT = "statement"  # the database refused this statement: Internal, kept if open
+    UNKNOWN = "unknown"  # nothing known about the connection's state: Internal, discarded
 
 
 # ---- placeholders ---------------------------------------------------------------------------
@@ -123,6 +167,14 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def classify(self, exc: Exception) -> Failure:
         """What a driver exception raised by a statement means (see ``Failure``)."""
+
+    @abc.abstractmethod
+    def is_open(self) -> bool:
+        """Whether the driver still considers the connection open."""
+
+    @abc.abstractmethod
+    def error_code(self, exc: Exception) -> str:
+        """The driver's code for ``exc`` ("error 1213", "SQLSTATE 40001"): short, no SQL."""
 
     @abc.abstractmethod
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> int:
@@ -215,15 +267,29 @@ class Adapter(abc.ABC):
             task.cancel()
 
     def _translate(self, exc: Exception, query: str) -> Exception:
-        """The exception a failed statement raises to the action."""
+        """The exception a failed statement raises to the action (see the module's table)."""
         kind = self.classify(exc)
+        code = self.error_code(exc)
         if kind is Failure.UNIQUE:
-            return UniqueViolation(str(exc))
-        if kind is Failure.LOST:
+            return UniqueViolation(detail=str(exc))
+        if kind is Failure.TRANSIENT:
+            log.info("%s statement lost a race (%s), may be retried: %s", self.backend, code, exc)
+            return TransientError(
+                f"the database gave up a statement because of a concurrent one ({code})",
+                detail=str(exc),
+            )
+        if kind is Failure.LOST or not self.is_open():
             self.is_broken = True
+            log.warning("%s connection lost (%s): %s", self.backend, code, exc)
             return Unavailable(f"lost the database connection: {exc or type(exc).__name__}")
-        log.error("%s query failed: %s: %s", self.backend, type(exc).__name__, exc)
-        return Internal("a database query failed; the server log has details")
+        if kind is Failure.UNKNOWN:
+            self.is_broken = True
+        log.error(
+            "%s statement failed (%s, connection %s): %s: %s; statement: %.*s",
+            self.backend, code, "discarded" if self.is_broken else "kept",
+            type(exc).__name__, exc, STATEMENT_IN_LOG, query,
+        )  # fmt: skip
+        return Internal("a database statement failed; the server log has details")
 
 
 class CursorAdapter(Adapter):
@@ -266,6 +332,11 @@ class PostgresAdapter(Adapter):
     backend = "postgres"
     __slots__ = ()
 
+    # 40001 serialization_failure, 40P01 deadlock_detected, 55P03 lock_not_available. Also
+    # transient: asyncpg's "cached statement plan is invalid" after a schema change inside a
+    # transaction (it has dropped the plan, so the transaction run again works).
+    TRANSIENT_STATES = frozenset({"40001", "40P01", "55P03"})
+
     @classmethod
     async def open(cls, settings: DatabaseSettings) -> Self:
         import asyncpg
@@ -293,13 +364,28 @@ class PostgresAdapter(Adapter):
 
         if isinstance(exc, asyncpg.UniqueViolationError):
             return Failure.UNIQUE
+        if isinstance(exc, asyncpg.InvalidCachedStatementError):
+            return Failure.TRANSIENT
         if isinstance(
             exc,
-            OSError | asyncpg.PostgresConnectionError | asyncpg.InterfaceError
-            | asyncpg.CannotConnectNowError | asyncpg.AdminShutdownError,
+            OSError | asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError
+            | asyncpg.AdminShutdownError | asyncpg.CrashShutdownError,
         ):  # fmt: skip
             return Failure.LOST
-        return Failure.OTHER
+        if isinstance(exc, asyncpg.PostgresError):
+            if exc.sqlstate in self.TRANSIENT_STATES:
+                return Failure.TRANSIENT
+            return Failure.STATEMENT  # the server refused it and said so: the session is fine
+        if isinstance(exc, asyncpg.InterfaceError):  # closed, or a bad argument client-side
+            return Failure.LOST if self.raw.is_closed() else Failure.STATEMENT
+        return Failure.UNKNOWN
+
+    def is_open(self) -> bool:
+        return not self.raw.is_closed()
+
+    def error_code(self, exc: Exception) -> str:
+        sqlstate = getattr(exc, "sqlstate", None)
+        return f"SQLSTATE {sqlstate}" if sqlstate else type(exc).__name__
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> int:
         status = await self._run(lambda: self.raw.execute(query, *args), timeout, query)
@@ -335,7 +421,12 @@ class MariaDBAdapter(CursorAdapter):
     detach_calls = True
     __slots__ = ()
 
-    CONNECTION_ERRORS = frozenset({2003, 2006, 2013, 2014, 2055, 1927})  # gone, lost, ...
+    # Client errors (2000 and up) are about the link; 1927 connection killed, 1053 server
+    # shutdown, 4031 disconnected for inactivity.
+    CONNECTION_ERRORS = frozenset({1053, 1927, 4031})
+    DUPLICATE_KEY = frozenset({1062, 1586, 1022})  # duplicate entry, ... with key name, dup key
+    # 1213 deadlock, 1205 lock wait timeout, 1020 record changed since last read (snapshot).
+    TRANSIENT_ERRORS = frozenset({1213, 1205, 1020})
 
     @classmethod
     async def open(cls, settings: DatabaseSettings) -> Self:
@@ -358,15 +449,27 @@ class MariaDBAdapter(CursorAdapter):
     def classify(self, exc: Exception) -> Failure:
         import pymysql
 
-        if isinstance(exc, pymysql.err.IntegrityError) and exc.args and exc.args[0] == 1062:
-            return Failure.UNIQUE
-        if isinstance(exc, OSError | pymysql.err.InterfaceError) or (
-            isinstance(exc, pymysql.err.OperationalError)
-            and exc.args
-            and exc.args[0] in self.CONNECTION_ERRORS
-        ):
+        if isinstance(exc, OSError | pymysql.err.InterfaceError) or self.raw.closed:
             return Failure.LOST
-        return Failure.OTHER
+        if not isinstance(exc, pymysql.err.MySQLError):
+            return Failure.UNKNOWN
+        number = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 0
+        if number in self.DUPLICATE_KEY:
+            return Failure.UNIQUE
+        if number in self.TRANSIENT_ERRORS:
+            return Failure.TRANSIENT
+        if number >= 2000 or number in self.CONNECTION_ERRORS:
+            return Failure.LOST
+        if number:  # the server answered with an error packet: the session is in step
+            return Failure.STATEMENT
+        return Failure.UNKNOWN
+
+    def is_open(self) -> bool:
+        return not self.raw.closed
+
+    def error_code(self, exc: Exception) -> str:
+        number = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        return f"error {number}" if number else type(exc).__name__
 
     async def _cursor_run(self, query: str, args: Sequence[Any], fetch: bool) -> Any:
         import aiomysql
@@ -394,6 +497,13 @@ class SQLiteAdapter(CursorAdapter):
     backend = "sqlite"
     __slots__ = ()
 
+    # Primary result codes (https://sqlite.org/rescode.html).
+    BUSY_CODES = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED: another connection holds it
+    UNIQUE_CODES = frozenset({2067, 1555})  # SQLITE_CONSTRAINT_UNIQUE, _PRIMARYKEY (extended)
+    # SQLITE_PERM, READONLY, INTERRUPT, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL, NOTADB, NOMEM:
+    # the file or the connection cannot serve statements now.
+    LOST_CODES = frozenset({3, 7, 8, 9, 10, 11, 13, 14, 15, 26})
+
     @classmethod
     async def open(cls, settings: DatabaseSettings) -> Self:
         import aiosqlite
@@ -416,11 +526,29 @@ class SQLiteAdapter(CursorAdapter):
             await self.raw.close()
 
     def classify(self, exc: Exception) -> Failure:
-        if isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in str(exc):
-            return Failure.UNIQUE
-        if isinstance(exc, sqlite3.OperationalError | ValueError | OSError):
-            return Failure.LOST  # locked past busy_timeout, unopenable file, closed connection
-        return Failure.OTHER
+        if not self.is_open() or isinstance(exc, OSError):
+            return Failure.LOST
+        if isinstance(exc, sqlite3.DatabaseError):
+            code = getattr(exc, "sqlite_errorcode", None)
+            if code is None:  # raised by the sqlite3 module, not the library
+                return Failure.STATEMENT
+            if code in self.UNIQUE_CODES:
+                return Failure.UNIQUE
+            if code & 0xFF in self.BUSY_CODES:
+                return Failure.TRANSIENT
+            if code & 0xFF in self.LOST_CODES:
+                return Failure.LOST
+            return Failure.STATEMENT  # SQLITE_ERROR (syntax, no such table), other constraints
+        if isinstance(exc, sqlite3.Error | OverflowError):  # bad parameters, checked before use
+            return Failure.STATEMENT
+        return Failure.UNKNOWN
+
+    def is_open(self) -> bool:
+        return bool(self.raw._running and self.raw._connection is not None)
+
+    def error_code(self, exc: Exception) -> str:
+        name = getattr(exc, "sqlite_errorname", None)
+        return str(name) if name else type(exc).__name__
 
     def stop_running(self) -> None:
         # The statement runs on aiosqlite's thread; sqlite3's interrupt() may be called from
