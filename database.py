@@ -7,8 +7,8 @@ closed, never handed to the next request. Driver errors are translated once, ali
 backend, by the adapter of each driver (``pyasync/db_adapters.py``): a lost connection ->
 ``Unavailable``, too slow -> ``DeadlineExceeded``, duplicate key -> ``UniqueViolation``
 (``ALREADY_EXISTS``), deadlock or busy -> ``TransientError`` (``ABORTED``), a bad statement ->
-``Internal`` (details in the server log only). The adapters and the pool live in
-``pyasync/``; this module is the face.
+``Internal`` (details in the server log only); ``retrying()`` runs a unit of work again when
+it lost such a race. The adapters and the pool live in ``pyasync/``; this module is the face.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
 
 from context import current_app
 from package import DeadlineExceeded, Internal, Unavailable
@@ -44,11 +45,16 @@ __all__ = [
     "connect",
     "current_manager",
     "declare_schema",
+    "retrying",
 ]
 
 log = logging.getLogger("pyasync.database")
 
 RETRY_CONNECT_AFTER = 1.0  # seconds between attempts to reach a database that was down
+RETRY_ATTEMPTS = 5  # tries of an operation that keeps losing races (see retrying)
+RETRY_FIRST_PAUSE = 0.002  # seconds before the second try; doubled for each one after it
+
+T = TypeVar("T")
 
 
 class Database(Protocol):
@@ -242,3 +248,39 @@ def connect(*, timeout: float | None = None) -> contextlib.AbstractAsyncContextM
         Unavailable: no database configured, unreachable, or every connection stayed busy.
     """
     return current_manager().connection(timeout)
+
+
+async def retrying(operation: Callable[[], Awaitable[T]], *, attempts: int = RETRY_ATTEMPTS) -> T:
+    """Run ``operation()``; run it again while it raises ``TransientError``, up to ``attempts``.
+
+    A deadlock, lock wait timeout, serialization failure or busy SQLite file means the database
+    undid the transaction so that a concurrent one could finish; run again, it usually
+    succeeds. ``operation`` must therefore redo the whole unit of work, connection included::
+
+        async def add() -> int:
+            async with connect() as db, db.transaction():
+                ...
+
+        total = await retrying(add)
+
+    so that each try starts afresh and the connection serves others during the pause. Pauses
+    grow from RETRY_FIRST_PAUSE (2, 4, 8, 16 ms), each one randomly between half and one and a
+    half times that, so that the transactions that collided do not collide again in step.
+    Other exceptions propagate at once: only a lost race is known to have changed nothing.
+
+    Raises:
+        TransientError: the last try lost its race too (answered ``ABORTED``: retry later).
+    """
+    for attempt in range(1, attempts):
+        try:
+            return await operation()
+        except TransientError as exc:
+            pause = RETRY_FIRST_PAUSE * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+            log.debug("try %d of %d lost a race, again in %.1f ms: %s",
+                      attempt, attempts, pause * 1000, exc.message)  # fmt: skip
+            await asyncio.sleep(pause)
+    try:
+        return await operation()
+    except TransientError as exc:
+        log.warning("gave up after %d tries, each lost a race: %s", attempts, exc.message)
+        raise

@@ -275,7 +275,7 @@ class Adapter(abc.ABC):
         if kind is Failure.TRANSIENT:
             log.info("%s statement lost a race (%s), may be retried: %s", self.backend, code, exc)
             return TransientError(
-                f"the database gave up a statement because of a concurrent one ({code})",
+                f"the database stopped a statement that conflicted with a concurrent one ({code})",
                 detail=str(exc),
             )
         if kind is Failure.LOST or not self.is_open():
