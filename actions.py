@@ -180,6 +180,7 @@ async def server_info(request: ServerInfoRequest, ctx: Context) -> ServerInfoAns
 MAX_KEY_BYTES = 256  # UTF-8 bytes; the key column is sized for this
 MAX_VALUE_BYTES = 1024 * 1024  # 1 MiB
 MAX_LIST_LIMIT = 1000
+MAX_VERSION = 2**63 - 1  # versions are signed 64-bit on every backend (BIGINT, SQLite INTEGER)
 
 KV_SCHEMA = {
     "sqlite": [
@@ -215,6 +216,15 @@ def _check_key(key: str) -> None:
         raise InvalidArgument(f"key must be 1 to {MAX_KEY_BYTES} UTF-8 bytes, got {size}")
 
 
+def _check_version(expected: int | None) -> None:
+    # Checked here, not left to the driver: past the column's range the backends disagree
+    # (SQLite and asyncpg refuse the parameter, MariaDB compares and finds no match).
+    if expected is not None and not 0 <= expected <= MAX_VERSION:
+        raise InvalidArgument(
+            f"expected_version must be 0 to {MAX_VERSION} (signed 64-bit), got {expected}"
+        )
+
+
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value  # MariaDB returns VARBINARY
 
@@ -247,8 +257,7 @@ async def kv_put(request: KvPutRequest, ctx: Context) -> KvPutAnswer:
     if len(request.value) > MAX_VALUE_BYTES:
         raise InvalidArgument(f"value must be at most {MAX_VALUE_BYTES} bytes")
     key, value, expected = request.key, request.value, request.expected_version
-    if expected is not None and expected < 0:
-        raise InvalidArgument("expected_version must be 0 (create) or a stored version")
+    _check_version(expected)
     table = _kv_table()
     version = await database.retrying(lambda: _put(table, key, value, expected))
     return KvPutAnswer(version=version)
@@ -296,6 +305,7 @@ async def kv_get(request: KvGetRequest, ctx: Context) -> KvGetAnswer:
 async def kv_delete(request: KvDeleteRequest, ctx: Context) -> KvDeleteAnswer:
     """Delete a key; with ``expected_version``, only at that version (else CONFLICT)."""
     _check_key(request.key)
+    _check_version(request.expected_version)
     table, key, expected = _kv_table(), request.key, request.expected_version
     deleted = await database.retrying(lambda: _delete(table, key, expected))
     return KvDeleteAnswer(deleted=deleted)
