@@ -201,7 +201,7 @@ async def server_info(request: ServerInfoRequest, ctx: Context) -> ServerInfoAns
 MAX_KEY_BYTES = 256  # UTF-8 bytes; the key column is sized for this
 MAX_VALUE_BYTES = 1024 * 1024  # 1 MiB
 MAX_LIST_LIMIT = 1000
-PUT_ATTEMPTS = 5  # a blind put retries when another client created the key meanwhile
+MAX_VERSION = 2**63 - 1  # versions are signed 64-bit on every backend (BIGINT, SQLite INTEGER)
 
 KV_SCHEMA = {
     "sqlite": [
@@ -237,8 +237,38 @@ def _check_key(key: str) -> None:
         raise InvalidArgument(f"key must be 1 to {MAX_KEY_BYTES} UTF-8 bytes, got {size}")
 
 
+def _check_version(expected: int | None) -> None:
+    # Checked here, not left to the driver: past the column's range the backends disagree
+    # (SQLite and asyncpg refuse the parameter, MariaDB compares and finds no match).
+    if expected is not None and not 0 <= expected <= MAX_VERSION:
+        raise InvalidArgument(
+            f"expected_version must be 0 to {MAX_VERSION} (signed 64-bit), got {expected}"
+        )
+
+
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value  # MariaDB returns VARBINARY
+
+
+# Each write is one atomic statement. A blind put written as UPDATE, then INSERT if nothing
+# matched, in one transaction, deadlocks on MariaDB under load: at REPEATABLE READ the UPDATE of
+# a missing key locks the gap where it would be, and concurrent inserts of new keys wait on each
+# other's gaps. What still loses a race (TransientError) is run again by database.retrying,
+# and answers ABORTED if it keeps losing, never INTERNAL.
+KV_INSERT = "INSERT INTO {table} (k, v, version) VALUES ($1, $2, 1)"  # create only
+_UPSERT_RETURNING = (  # PostgreSQL, SQLite 3.35+
+    KV_INSERT + " ON CONFLICT (k) DO UPDATE SET v = excluded.v, version = {table}.version + 1 "
+    "RETURNING version"
+)
+KV_UPSERT = {  # a blind put: insert at version 1, or replace the value and bump the version
+    "sqlite": _UPSERT_RETURNING,
+    "postgres": _UPSERT_RETURNING,
+    # MariaDB has no RETURNING with ON DUPLICATE KEY UPDATE. It reports 1 row changed for an
+    # insert (version 1) and 2 for an update, whose new version LAST_INSERT_ID(expr) keeps
+    # for this session, where no other connection can change it.
+    "mariadb": KV_INSERT
+    + " ON DUPLICATE KEY UPDATE v = VALUES(v), version = LAST_INSERT_ID(version + 1)",
+}
 
 
 @action(PACKAGE.REQUEST_KV_PUT, scopes=("kv.write",))
@@ -248,42 +278,37 @@ async def kv_put(request: KvPutRequest, ctx: Context) -> KvPutAnswer:
     if len(request.value) > MAX_VALUE_BYTES:
         raise InvalidArgument(f"value must be at most {MAX_VALUE_BYTES} bytes")
     key, value, expected = request.key, request.value, request.expected_version
-    if expected is not None and expected < 0:
-        raise InvalidArgument("expected_version must be 0 (create) or a stored version")
+    _check_version(expected)
     table = _kv_table()
-    insert = f"INSERT INTO {table} (k, v, version) VALUES ($1, $2, 1)"
+    version = await database.retrying(lambda: _put(table, key, value, expected))
+    return KvPutAnswer(version=version)
+
+
+async def _put(table: str, key: str, value: bytes, expected: int | None) -> int:
+    """One try of a put; the new version. Raises ``Conflict`` for a compare-and-set miss."""
     async with connect() as db:
+        if expected is None:
+            upsert = KV_UPSERT[db.backend].format(table=table)
+            if db.backend != "mariadb":
+                return int(await db.fetchval(upsert, key, value))
+            if await db.execute(upsert, key, value) == 1:
+                return 1
+            return int(await db.fetchval("SELECT LAST_INSERT_ID()"))
         if expected == 0:
             try:
-                await db.execute(insert, key, value)
+                await db.execute(KV_INSERT.format(table=table), key, value)
             except UniqueViolation:
                 raise Conflict(
                     f"key {key!r} exists already", hint="expected_version=0 creates"
                 ) from None
-            return KvPutAnswer(version=1)
-        if expected is not None:
-            changed = await db.execute(
-                f"UPDATE {table} SET v = $1, version = version + 1 WHERE k = $2 AND version = $3",
-                value, key, expected,
-            )  # fmt: skip
-            if not changed:
-                raise Conflict(f"key {key!r} is not at version {expected}")
-            return KvPutAnswer(version=expected + 1)
-        for _ in range(PUT_ATTEMPTS):
-            try:
-                async with db.transaction():
-                    if await db.execute(
-                        f"UPDATE {table} SET v = $1, version = version + 1 WHERE k = $2", value, key
-                    ):
-                        version = await db.fetchval(
-                            f"SELECT version FROM {table} WHERE k = $1", key
-                        )
-                        return KvPutAnswer(version=int(version))
-                    await db.execute(insert, key, value)
-                    return KvPutAnswer(version=1)
-            except UniqueViolation:
-                continue  # created by someone else between our UPDATE and INSERT: update it
-    raise Unavailable(f"key {key!r} kept changing under {PUT_ATTEMPTS} attempts", hint="retry")
+            return 1
+        changed = await db.execute(
+            f"UPDATE {table} SET v = $1, version = version + 1 WHERE k = $2 AND version = $3",
+            value, key, expected,
+        )  # fmt: skip
+    if not changed:
+        raise Conflict(f"key {key!r} is not at version {expected}")
+    return expected + 1
 
 
 @action(PACKAGE.REQUEST_KV_GET, scopes=("kv.read",))
@@ -301,17 +326,22 @@ async def kv_get(request: KvGetRequest, ctx: Context) -> KvGetAnswer:
 async def kv_delete(request: KvDeleteRequest, ctx: Context) -> KvDeleteAnswer:
     """Delete a key; with ``expected_version``, only at that version (else CONFLICT)."""
     _check_key(request.key)
+    _check_version(request.expected_version)
     table, key, expected = _kv_table(), request.key, request.expected_version
+    deleted = await database.retrying(lambda: _delete(table, key, expected))
+    return KvDeleteAnswer(deleted=deleted)
+
+
+async def _delete(table: str, key: str, expected: int | None) -> bool:
+    """One try of a delete: whether a row went. Raises ``Conflict`` for a version miss."""
     async with connect() as db:
         if expected is None:
-            deleted = await db.execute(f"DELETE FROM {table} WHERE k = $1", key)
-        else:
-            deleted = await db.execute(
-                f"DELETE FROM {table} WHERE k = $1 AND version = $2", key, expected
-            )
-            if not deleted and await db.fetchval(f"SELECT 1 FROM {table} WHERE k = $1", key):
-                raise Conflict(f"key {key!r} is not at version {expected}")
-    return KvDeleteAnswer(deleted=bool(deleted))
+            return bool(await db.execute(f"DELETE FROM {table} WHERE k = $1", key))
+        if await db.execute(f"DELETE FROM {table} WHERE k = $1 AND version = $2", key, expected):
+            return True
+        if await db.fetchval(f"SELECT 1 FROM {table} WHERE k = $1", key):
+            raise Conflict(f"key {key!r} is not at version {expected}")
+    return False
 
 
 @action(PACKAGE.REQUEST_KV_LIST, scopes=("kv.read",))

@@ -18,7 +18,9 @@ BODIES_MARKER = "# ---- your bodies go here, above the check"
 
 
 def readme_blocks() -> dict[str, str]:
-    blocks = {m["place"]: m["code"] for m in MARKER.finditer((ROOT / "README.md").read_text())}
+    readme = (ROOT / "README.md").read_text()
+    blocks = {m["place"]: m["code"] for m in MARKER.finditer(readme)
+              if not m["place"].startswith("database")}  # fmt: skip  # test_readme_database.py
     expected = {"package.py enum", "package.py bodies", "actions.py"}
     assert set(blocks) == expected, f"README walkthrough markers: {sorted(blocks)}"
     return blocks

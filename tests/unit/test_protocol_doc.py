@@ -18,6 +18,7 @@ import pytest
 
 import actions
 import config
+import database
 import package
 import protocol
 from package import PACKAGE, ErrorCode, body_type
@@ -183,7 +184,7 @@ DEFAULTS = config.Settings()
         f"{spaced(actions.MAX_VALUE_BYTES)} bytes",
         f"at most {spaced(actions.MAX_VALUE_BYTES)} bytes |",
         f"1 to {actions.MAX_LIST_LIMIT}, else `INVALID_ARGUMENT`",
-        f"after {actions.PUT_ATTEMPTS} attempts",
+        f"after {database.RETRY_ATTEMPTS} attempts",
         f"`CONFLICT` (code {ErrorCode.CONFLICT.value})",
         "signed 64-bit: -2⁶³ to 2⁶³-1",
         f"({-(2**63):,} to {2**63 - 1:,})".replace(",", " "),
