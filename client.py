@@ -151,16 +151,24 @@ class Client:
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> Client:
-        """A client for the server these settings describe (same HOST, PORT, TLS, limits)."""
+        """A client for the server these settings describe (same HOST, PORT, TLS, limits).
+
+        TLS uses ``TLS_CA_FILE`` and, for servers that require one, the client certificate
+        ``TLS_CLIENT_CERT_FILE`` with ``TLS_CLIENT_KEY_FILE``.
+
+        Raises:
+            ConfigError: a TLS file cannot be read or is not valid PEM.
+        """
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
             settings.host, settings.host
         )
-        kwargs.setdefault(
-            "ssl",
-            resolve_client_ssl_context(
-                tls=settings.enable_tls, cafile=settings.tls_ca_file or None
-            ),
-        )
+        if "ssl" not in kwargs:
+            kwargs["ssl"] = resolve_client_ssl_context(
+                tls=settings.enable_tls,
+                cafile=settings.tls_ca_file or None,
+                certfile=settings.tls_client_cert_file or None,
+                keyfile=settings.tls_client_key_file or None,
+            )
         kwargs.setdefault("connect_timeout", settings.connect_timeout)
         kwargs.setdefault("timeout", settings.request_timeout)
         kwargs.setdefault("compression", settings.compression)
@@ -497,8 +505,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--endpoints", metavar="H:P,H:P", type=_endpoints,
         help="servers to fail over between, instead of --host/--port",
     )  # fmt: skip
-    parser.add_argument("--tls", action="store_true", default=None, help="connect with TLS")
-    parser.add_argument("--cafile", help="CA that signed the server certificate (implies --tls)")
+    _add_tls_arguments(parser)
     parser.add_argument("--timeout", type=float, help="per-request timeout in seconds")
     parser.add_argument("--env-file", default=".env", help="settings file (default: .env)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -536,6 +543,20 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     bench.add_argument("--payload", type=int, default=32, help="echo payload bytes (32)")
     bench.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds (1)")
     return parser.parse_args(argv)
+
+
+def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls", action="store_true", default=None, help="connect with TLS")
+    parser.add_argument("--cafile", help="CA that signed the server certificate (implies --tls)")
+    parser.add_argument(
+        "--cert", metavar="FILE",
+        help="client certificate (PEM) for servers that require one (implies --tls; "
+        "TLS_CLIENT_CERT_FILE)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--key", metavar="FILE",
+        help="private key of --cert, unencrypted PEM, if not in its file (TLS_CLIENT_KEY_FILE)",
+    )  # fmt: skip
 
 
 async def _run_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -611,9 +632,18 @@ async def _kv_command(client: Client, args: argparse.Namespace) -> None:
 
 
 def _client(args: argparse.Namespace, settings: Settings) -> Client:
+    """The client the flags and settings describe; flags win over settings.
+
+    Raises:
+        ConfigError: a TLS file cannot be read or is not valid PEM (exit code 78).
+    """
+    certfile = args.cert or settings.tls_client_cert_file or None
+    # A --cert from the command line never pairs with TLS_CLIENT_KEY_FILE from the settings.
     ssl = resolve_client_ssl_context(
-        tls=bool(args.tls or settings.enable_tls or args.cafile),
+        tls=bool(args.tls or settings.enable_tls or args.cafile or certfile),
         cafile=args.cafile or settings.tls_ca_file or None,
+        certfile=certfile,
+        keyfile=args.key or (None if args.cert else settings.tls_client_key_file) or None,
     )
     kwargs: dict[str, Any] = {"ssl": ssl}
     if args.timeout is not None:

@@ -130,6 +130,12 @@ class Settings:
     )
     tls_handshake_timeout: float = setting(10.0, "Seconds a TLS handshake may take.", low=0.001)
     tls_ca_file: str = setting("", "Client: CA file to verify the server; empty = system CAs.")
+    tls_client_cert_file: str = setting(
+        "", "Client: certificate chain (PEM) to present to servers that require one."
+    )
+    tls_client_key_file: str = setting(
+        "", "Client: private key (PEM) of that certificate; empty = in the certificate file."
+    )
     broker_url: str = setting(
         "memory://", "Publish/subscribe broker: memory://, nats://host:4222 or redis://host:6379."
     )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from config import Settings
+from pyasync.tls import principal_from_certificate
 from server_config import DatabaseSettings
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ class ServerStats:
 
     started_at: float = field(default_factory=time.monotonic)
     requests_served: int = 0
+    tls_handshake_failures: int = 0  # handshakes that failed or timed out; each is logged
 
     @property
     def uptime_s(self) -> float:
@@ -98,12 +100,27 @@ def set_current_app(app: App) -> None:
 
 @dataclass(frozen=True, slots=True)
 class TLSInfo:
-    """The negotiated TLS session of a connection."""
+    """The negotiated TLS session of a connection.
+
+    Attributes:
+        version: the TLS version, e.g. ``TLSv1.3``.
+        cipher: the cipher suite's name.
+        peer_certificate: the client's certificate as ``getpeercert()`` gives it, once verified
+            against ``TLS_CLIENT_CA_FILE``; None when clients present none.
+        principal: the name that certificate gives its holder (see
+            ``pyasync.tls.principal_from_certificate``: the first URI, DNS name or email of its
+            subject alternative names, else its common name); taken from ``peer_certificate``
+            when not given. None without a client certificate.
+    """
 
     version: str | None
     cipher: str | None
     peer_certificate: dict[str, Any] | None  # only when clients must present one
     principal: str | None = None  # the name a verified client certificate gives
+
+    def __post_init__(self) -> None:
+        if self.principal is None and self.peer_certificate:
+            object.__setattr__(self, "principal", principal_from_certificate(self.peer_certificate))
 
 
 @dataclass(slots=True, eq=False)

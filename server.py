@@ -29,7 +29,12 @@ from database import DatabaseManager
 from pyasync.auth import AuthInterceptor, Principals, new_token_line
 from pyasync.connection import Connection, address_of
 from pyasync.router import ROUTER, AppHook, Router
-from pyasync.tls import build_server_ssl_context, make_self_signed_cert, openssl_command
+from pyasync.tls import (
+    TLSHandshake,
+    build_server_ssl_context,
+    describe_handshake_failure,
+    make_certificates,
+)
 from server_config import DatabaseSettings
 from upstream import Upstreams
 from utils import EXIT_CONFIG, describe_error, handle_run_main, reuse_large_buffers, setup_logging
@@ -86,7 +91,7 @@ class Server:
         self._listener: asyncio.Server | None = None
         self._address: tuple[str, int] | None = None
         self._connection_ids = itertools.count(1)
-        self._previous_exception_handler: Any = None
+        self._handshakes: set[TLSHandshake] = set()  # TLS handshakes under way
 
     @property
     def connections(self) -> set[Connection]:
@@ -133,15 +138,9 @@ class Server:
         for hook in (*self.router.hooks.startup, *self._extra_startup_hooks):
             await hook(self.app)
         loop = asyncio.get_running_loop()
-        self._install_handshake_logging(loop)
         settings = self.settings
         self._listener = await loop.create_server(
-            lambda: Connection(self, next(self._connection_ids)),
-            settings.host,
-            settings.port,
-            ssl=self.ssl_context,
-            ssl_handshake_timeout=settings.tls_handshake_timeout if self.ssl_context else None,
-            backlog=1024,
+            self._accept, settings.host, settings.port, backlog=1024
         )
         host, port = self._address = self._listener.sockets[0].getsockname()[:2]
         scheme = "TLS" if self.ssl_context else "TCP"
@@ -149,6 +148,32 @@ class Server:
         assert self.app.principals is not None
         if self.app.principals.by_hash and not self.ssl_context and not is_loopback(host):
             log.warning("tokens travel in the clear on %s: enable TLS (ENABLE_TLS)", host)
+
+    def _accept(self) -> asyncio.Protocol:
+        """The protocol for a new connection: the connection itself, or its TLS handshake first."""
+        if self.ssl_context is None:
+            return Connection(self, next(self._connection_ids))
+        return TLSHandshake(
+            self.ssl_context,
+            self.settings.tls_handshake_timeout,
+            lambda: Connection(self, next(self._connection_ids)),
+            self._handshake_failed,
+            self._handshakes,
+        )
+
+    def _handshake_failed(self, handshake: TLSHandshake, exc: BaseException) -> None:
+        """Log a failed TLS handshake as one line and count it (``stats``).
+
+        A failed handshake is routine for a server (scanners, plain-TCP clients, certificates
+        from elsewhere), so it is INFO, not an error with a traceback.
+        """
+        peer = address_of(handshake.peer)
+        if self.is_shutting_down:
+            log.debug("TLS handshake from %s abandoned at shutdown", peer)
+            return
+        self.app.stats.tls_handshake_failures += 1
+        reason = describe_handshake_failure(exc, self.settings.tls_handshake_timeout)
+        log.info("TLS handshake from %s failed: %s", peer, reason)
 
     async def serve(self) -> None:
         """Start, run until SIGINT/SIGTERM, then shut down gracefully."""
@@ -181,6 +206,8 @@ class Server:
         self.is_shutting_down = True
         if self._listener is not None:
             self._listener.close()
+        for handshake in list(self._handshakes):
+            handshake.abort()
         for connection in list(self.connections):
             connection.drain()
         await self._finish_running_requests()
@@ -200,7 +227,6 @@ class Server:
             await self.app.broker.close()
         if self.app.database is not None:
             await self.app.database.close()
-        self._restore_exception_handler()
         log.info("stopped after serving %d requests", self.app.stats.requests_served)
 
     async def _finish_running_requests(self) -> None:
@@ -225,51 +251,6 @@ class Server:
             for connection in list(self.connections):
                 if connection.transport is not None and not connection.closed.done():
                     connection.transport.abort()
-
-    def _install_handshake_logging(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Log a failed TLS handshake as one line instead of the loop's error with traceback.
-
-        asyncio reports a handshake that fails or times out to the loop's exception handler;
-        for a server that is a routine event (scanners, plain-TCP clients), not an error. Other
-        events go on to the handler that was there before, which ``shutdown()`` puts back.
-        """
-        previous = self._previous_exception_handler = loop.get_exception_handler()
-
-        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-            exc = context.get("exception")
-            if context.get("message", "").startswith("Error on transport creation") and (
-                isinstance(exc, ssl.SSLError | ConnectionError | TimeoutError)
-            ):
-                transport = context.get("transport")
-                peer = transport.get_extra_info("peername") if transport is not None else None
-                log.info("TLS handshake from %s failed: %s", address_of(peer), exc)
-                return
-            if previous is not None:
-                previous(loop, context)
-            else:
-                loop.default_exception_handler(context)
-
-        loop.set_exception_handler(handler)
-
-    def _restore_exception_handler(self) -> None:
-        """Put back the loop's exception handler that ``start()`` replaced.
-
-        A TLS handshake accepted before the listener closed may still fail up to
-        TLS_HANDSHAKE_TIMEOUT later, so with TLS the handler is put back only then.
-        """
-        if self._listener is None:
-            return
-        loop = asyncio.get_running_loop()
-        ours = loop.get_exception_handler()
-
-        def restore() -> None:
-            if loop.get_exception_handler() is ours:  # nobody replaced it since
-                loop.set_exception_handler(self._previous_exception_handler)
-
-        if self.ssl_context is None:
-            restore()
-        else:
-            loop.call_later(self.settings.tls_handshake_timeout, restore)
 
     def track(self, coroutine: Any) -> None:
         """Run a hook coroutine as a task the server waits for at shutdown."""
@@ -343,9 +324,34 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--make-cert", metavar="DIR", type=Path,
-        help="write a self-signed cert.pem/key.pem for localhost into DIR and exit",
+        help="write a test CA, a server certificate for localhost and a client certificate "
+        "into DIR, print the settings that use them, and exit",
+    )  # fmt: skip
+    parser.add_argument(
+        "--client-name", metavar="NAME", default="client",
+        help="with --make-cert: the principal the client certificate names: a name, "
+        "user@domain or a URI (default: client)",
     )  # fmt: skip
     return parser.parse_args(argv)
+
+
+def _print_make_cert(directory: Path, client_name: str) -> None:
+    """``--make-cert``: write the certificates and say how both sides use them."""
+    files = make_certificates(directory, client_name)
+    print(
+        f"wrote a test CA ({files.ca.name}, {files.ca_key.name}), a server certificate for "
+        f"localhost ({files.cert.name}, {files.key.name}) and a client certificate for "
+        f"{client_name!r} ({files.client_cert.name}, {files.client_key.name}) into {directory}"
+    )
+    print(
+        f"server: ENABLE_TLS=true TLS_CERT_FILE={files.cert} TLS_KEY_FILE={files.key} "
+        f"TLS_CLIENT_CA_FILE={files.ca} python server.py"
+    )
+    print(
+        f"client: python client.py --cafile {files.ca} --cert {files.client_cert} "
+        f"--key {files.client_key} ping"
+    )
+    print("without client certificates: leave out TLS_CLIENT_CA_FILE, --cert and --key")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -358,10 +364,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"line for AUTH_TOKENS_FILE: {line}")
             return
         if args.make_cert is not None:
-            cert, key = make_self_signed_cert(args.make_cert)
-            print(f"wrote {cert} and {key}; the same with openssl:")
-            print(" ".join(openssl_command(args.make_cert)))
-            print(f"then: ENABLE_TLS=true TLS_CERT_FILE={cert} TLS_KEY_FILE={key} python server.py")
+            _print_make_cert(args.make_cert, args.client_name)
             return
         overrides = {"host": args.host, "port": args.port, "log_level": args.log_level}
         settings = config.load(env_file=args.env_file, overrides=overrides)

@@ -13,6 +13,8 @@ from typing import Any, NoReturn
 
 from config import ConfigError
 from protocol import ProtocolError
+from pyasync.client_protocol import TLSMismatch
+from pyasync.tls import describe_tls_error, note_client_certificate
 
 __all__ = [
     "EXIT_CONFIG",
@@ -63,18 +65,10 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
     """
     if isinstance(exc, KeyboardInterrupt | asyncio.CancelledError):
         return "interrupted", EXIT_INTERRUPTED
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return (
-            f"TLS certificate check failed: {getattr(exc, 'verify_message', None) or exc}; "
-            "pass the server's CA with --cafile (or TLS_CA_FILE)",
-            EXIT_PROTOCOL,
-        )
     if isinstance(exc, ssl.SSLError):
-        return (
-            f"TLS handshake failed ({getattr(exc, 'reason', None) or exc}); "
-            "does the server use TLS? Drop --tls for a plain server",
-            EXIT_PROTOCOL,
-        )
+        return describe_tls_error(exc), EXIT_PROTOCOL
+    if isinstance(exc, TLSMismatch):
+        return str(exc), EXIT_PROTOCOL
     if isinstance(exc, ConnectionRefusedError):
         return f"{_os_message(exc)}: is the server running?", EXIT_UNAVAILABLE
     if isinstance(exc, TimeoutError):
@@ -140,21 +134,47 @@ def resolve_client_ssl_context(
     """The client's TLS context, or None for plain TCP.
 
     Args:
-        tls: use TLS; implied when ``cafile`` is given.
+        tls: use TLS; implied when ``cafile`` or ``certfile`` is given.
         cafile: CA bundle that signed the server's certificate; the system's CAs when None.
-        certfile: client certificate chain, for servers that require one.
-        keyfile: its private key (defaults to ``certfile``).
+        certfile: client certificate chain (PEM), for servers that require one.
+        keyfile: its private key, unencrypted PEM (defaults to ``certfile``).
         check_hostname: verify the certificate names the host connected to.
 
     Raises:
-        OSError: a file cannot be read.
-        ssl.SSLError: a file is not a valid certificate or key.
+        ConfigError: a file cannot be read or is not what it should be; one line naming it.
     """
-    if not tls and not cafile:
+    if not (tls or cafile or certfile):
         return None
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile or None)
+    for what, path in (("CA file", cafile), ("client certificate", certfile),
+                       ("client key", keyfile)):  # fmt: skip
+        if path:
+            _check_readable(what, path)
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile or None)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"CA file {cafile!r} (--cafile, TLS_CA_FILE) holds no PEM certificate "
+            f"({exc.reason or exc})"
+        ) from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = check_hostname
     if certfile:
-        context.load_cert_chain(certfile, keyfile or None)
+        try:
+            # An encrypted key would make OpenSSL prompt on the terminal; refuse it instead.
+            context.load_cert_chain(certfile, keyfile or None, password=lambda: b"")
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                f"client certificate {certfile!r} and key {keyfile or certfile!r} (--cert/--key, "
+                "TLS_CLIENT_CERT_FILE/TLS_CLIENT_KEY_FILE) are not a matching PEM certificate "
+                f"and unencrypted key ({exc.reason or exc})"
+            ) from None
+    note_client_certificate(context, presents=bool(certfile))
     return context
+
+
+def _check_readable(what: str, path: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{what} {path!r} cannot be read: {exc.strerror or exc}") from None

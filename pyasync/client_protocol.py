@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
 from collections.abc import Callable
 from typing import Protocol
 
@@ -30,6 +31,7 @@ from protocol import (
     ProtocolError,
     encode_frame,
 )
+from pyasync.tls import describe_tls_rejection, presents_client_certificate
 
 __all__ = [
     "ClientClosed",
@@ -38,9 +40,13 @@ __all__ = [
     "ConnectionClosed",
     "EventSink",
     "ServerClosed",
+    "TLSMismatch",
 ]
 
 TLS_HINT = "if the server requires TLS, use --tls (and --cafile)"
+# A TLS record starts with its content type (20 to 23) and major version 3: a plain client
+# reading one is talking to a TLS server.
+TLS_RECORD_TYPES = range(20, 24)
 
 
 class ConnectionClosed(ConnectionError):
@@ -57,6 +63,11 @@ class ServerClosed(ConnectionClosed):
 
 class ConnectionBroken(ConnectionClosed):
     """Raised when the connection broke: reset, cut, or a stream this side cannot decode."""
+
+
+class TLSMismatch(ConnectionBroken):
+    """Raised when the connection failed over TLS before any answer: this side spoke plain TCP
+    to a TLS server, or the server refused the client certificate (or wanted one)."""
 
 
 class EventSink(Protocol):
@@ -101,6 +112,7 @@ class ClientProtocol(asyncio.Protocol):
         # SUBSCRIBE answer registers its subscription before its first event is dispatched.
         self.answer_hooks: dict[int, Callable[[Frame], None]] = {}
         self.is_reading_paused = False  # a subscription's queue is full
+        self.presents_certificate: bool | None = None  # over TLS: a client certificate was sent
 
     def send(
         self,
@@ -147,6 +159,9 @@ class ClientProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        if self.is_tls:
+            context = transport.get_extra_info("sslcontext")
+            self.presents_certificate = presents_client_certificate(context)
 
     def data_received(self, data: bytes) -> None:
         self.decoder.feed(data)
@@ -154,10 +169,16 @@ class ClientProtocol(asyncio.Protocol):
             while (frame := self.decoder.next_frame()) is not None:
                 self._dispatch(frame)
         except ProtocolError as exc:
-            hint = "" if self.received_frame or self.is_tls else f"; {TLS_HINT}"
-            self.closed_error = ConnectionBroken(
-                f"the server at {self.address} sent a broken stream ({exc}){hint}"
-            )
+            is_first = not self.received_frame and not self.is_tls
+            if is_first and len(data) > 1 and data[0] in TLS_RECORD_TYPES and data[1] == 3:
+                self.closed_error = TLSMismatch(
+                    f"the server at {self.address} speaks TLS: connect with --tls (and --cafile)"
+                )
+            else:
+                hint = f"; {TLS_HINT}" if is_first else ""
+                self.closed_error = ConnectionBroken(
+                    f"the server at {self.address} sent a broken stream ({exc}){hint}"
+                )
             assert self.transport is not None
             self.transport.abort()
 
@@ -213,6 +234,13 @@ class ClientProtocol(asyncio.Protocol):
     def _describe_loss(self, exc: Exception | None) -> ConnectionClosed | RPCError:
         if self.server_error is not None:
             return self.server_error
+        # Requests went out and the connection ended before any answer. Over TLS the server
+        # refused this client after the handshake: under TLS 1.3 that shows only now, as an
+        # alert or, from a Python server (which sends none), a bare close or reset. Over plain
+        # TCP, a server that closes on a request without a word most likely expects TLS.
+        is_unanswered = bool(self.pending) and not self.received_frame
+        if isinstance(exc, ssl.SSLError) or (is_unanswered and (self.is_tls or exc is None)):
+            return self._tls_mismatch(exc)
         if exc is not None:
             return ConnectionBroken(f"connection to {self.address} broke: {exc}")
         if not self.received_frame and not self.is_tls:
@@ -220,6 +248,18 @@ class ClientProtocol(asyncio.Protocol):
                 f"the server at {self.address} closed the connection without answering; {TLS_HINT}"
             )
         return ServerClosed(f"the server at {self.address} closed the connection")
+
+    def _tls_mismatch(self, exc: Exception | None) -> ConnectionClosed:
+        if not self.is_tls:
+            return TLSMismatch(
+                f"the server at {self.address} closed the connection without answering: it "
+                "probably expects TLS; connect with --tls (and --cafile)"
+            )
+        why = describe_tls_rejection(exc, presents_certificate=self.presents_certificate)
+        if not why:  # an SSLError that says nothing about certificates
+            return TLSMismatch(f"TLS with the server at {self.address} failed: {exc}")
+        why = why.removeprefix("the server ")
+        return TLSMismatch(f"the server at {self.address} {why}")
 
     def pause_writing(self) -> None:
         self.write_ready = asyncio.get_running_loop().create_future()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
 from pathlib import Path
@@ -104,17 +103,17 @@ def test_dotenv_is_read_and_environment_wins(tmp_path: Path) -> None:
         assert server.stop() == 0
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_tls_end_to_end_with_make_cert(tmp_path: Path) -> None:
     made = run_server_program(tmp_path, "--make-cert", "certs")
     assert made.returncode == 0, made.stderr
     cert, key = tmp_path / "certs" / "cert.pem", tmp_path / "certs" / "key.pem"
-    assert cert.is_file() and key.is_file()
+    ca = tmp_path / "certs" / "ca.pem"
+    assert cert.is_file() and key.is_file() and ca.is_file()
     env = clean_env(ENABLE_TLS="true", TLS_CERT_FILE=str(cert), TLS_KEY_FILE=str(key))
     server = start_server_process(tmp_path, env=env)
     try:
         port = str(server.port)
-        ok = run_client_program("--port", port, "--cafile", str(cert), "ping", cwd=tmp_path)
+        ok = run_client_program("--port", port, "--cafile", str(ca), "ping", cwd=tmp_path)
         assert ok.returncode == 0 and ok.stdout.startswith("pong")
         plain = run_client_program("--port", port, "ping", cwd=tmp_path)
         assert plain.returncode != 0 and plain.stderr.count("\n") == 1

@@ -14,9 +14,10 @@ import config
 from client import Client, ConnectionClosed
 from context import Context
 from package import PACKAGE, EchoAnswer, EchoRequest
+from pyasync.client_protocol import TLSMismatch
 from pyasync.router import ROUTER, make_route
 from pyasync.tls import build_server_ssl_context
-from tests.helpers import RawConnection, running_server
+from tests.helpers import RawConnection, running_server, wait_until
 from utils import resolve_client_ssl_context
 
 
@@ -119,6 +120,7 @@ async def test_client_certificates_when_required(
         async with Client("127.0.0.1", server.port, ssl=with_cert) as client:
             assert await client.ping() > 0
         without = resolve_client_ssl_context(cafile=ca_file)
-        with pytest.raises((ssl.SSLError, ConnectionError)):
+        with pytest.raises(TLSMismatch, match="requires a client certificate"):
             async with Client("127.0.0.1", server.port, ssl=without, connect_timeout=5) as client:
                 await client.request(PACKAGE.REQUEST_PING, timeout=5)
+        await wait_until(lambda: server.app.stats.tls_handshake_failures == 1)
