@@ -5,7 +5,8 @@ topic's room and is acknowledged with ``true``; ``publish`` (topic, data) emits 
 (data) to that room. Broadcasting is in-process by default, or through Redis with
 ``--redis URL`` (``socketio.AsyncRedisManager``, on a channel of this process's own). The
 WebSocket transport only (``transports=["websocket"]``), as the deployment notes of
-python-socketio advise for servers that scale out; the event loop is uvloop.
+python-socketio advise for servers that scale out; the event loop is uvloop; the ping timeout is
+300 s (see ``make_server``).
 
 Two of python-socketio's documented asyncio deployments, which measured alike here:
 
@@ -39,8 +40,12 @@ def make_server(async_mode: str, redis_url: str) -> socketio.AsyncServer:
     manager = None
     if redis_url:
         manager = socketio.AsyncRedisManager(redis_url, channel=f"bench-f-{os.getpid()}")
+    # A saturated server reads a client's pong only after the events that client sent before it;
+    # with the benchmark's backlog that can take longer than the default 20 s, and the client
+    # would be dropped as gone (the publisher first). A long timeout keeps the measurement about
+    # throughput.
     sio = socketio.AsyncServer(
-        async_mode=async_mode, client_manager=manager, transports=["websocket"]
+        async_mode=async_mode, client_manager=manager, transports=["websocket"], ping_timeout=300
     )
 
     async def subscribe(sid: str, topic: str) -> bool:
@@ -91,9 +96,12 @@ async def serve_uvicorn(args: argparse.Namespace) -> None:
             yield
 
     app = socketio.ASGIApp(make_server("asgi", args.redis))
+    # uvicorn's own WebSocket keepalive has the same trap as Engine.IO's pings (make_server):
+    # while the application lags, uvicorn stops reading, the pong waits unread, and after 20 s
+    # the connection is closed. The same 300 s as Engine.IO's timeout.
     config = uvicorn.Config(
         app, host="127.0.0.1", port=args.port, http="httptools", ws=args.ws, lifespan="off",
-        log_level="warning", access_log=False, backlog=4096,
+        log_level="warning", access_log=False, backlog=4096, ws_ping_timeout=300,
     )  # fmt: skip
     server = Server(config)
     serving = asyncio.create_task(server.serve())
