@@ -1,6 +1,6 @@
 """Benchmark pyasync-server beside the asyncio floor and its peers, in one run.
 
-    python bench/run.py                  # everything: about 40 minutes
+    python bench/run.py                  # everything: about 45 minutes
     python bench/run.py --quick          # one short run per row, to try the harness
     python bench/run.py --shapes e --merge   # run one shape again, keep the others' rows
     python bench/run.py --shapes f --servers pyasync-memory,floor-pubsub-batch --quick
@@ -52,7 +52,10 @@ IDLE_CONNECTIONS = 5_000
 HELD_CONNECTIONS = 10_000
 PUBSUB_SUBSCRIBERS = 1_000
 PUBSUB_WINDOW = 64  # messages published and not yet delivered to every subscriber, at most
-PUBSUB_RATE = 10.0  # messages per second, for the latency run
+# Messages per second for the latency run. Light: a message costs a write to each of the 1,000
+# sockets, and at 50/s the batching floor took 30% of a core and pyasync-server 65% on a 2-core VM.
+PUBSUB_RATE = 10.0
+PUBSUB_LATENCY_SECONDS = 3.0  # at least, so that p99 stands on some 30,000 deliveries
 PUBSUB_SIZE = 32  # bytes of data per message
 NATS_URL = os.environ.get("PYASYNC_NATS_URL", "nats://127.0.0.1:4222")
 REDIS_URL = os.environ.get("PYASYNC_REDIS_URL", "redis://127.0.0.1:6379")
@@ -148,7 +151,7 @@ PUBSUB_SERVERS = {
     "floor-pubsub-batch": floor_pubsub("floor: a write per subscriber per loop pass", "batch"),
     "socketio": socketio_peer("python-socketio 5, uvicorn, in-process rooms", "uvicorn"),
     "socketio-redis": socketio_peer("python-socketio 5, uvicorn, AsyncRedisManager", "uvicorn",
-                               REDIS_URL),
+                                    REDIS_URL),
     "socketio-aiohttp": socketio_peer("python-socketio 5, aiohttp, in-process rooms", "aiohttp"),
 }  # fmt: skip
 PUBSUB_TITLE = (f"publish/subscribe: 1 publisher, {PUBSUB_SUBSCRIBERS:,} subscribers, "
@@ -366,7 +369,7 @@ def pubsub_load(
     binary: Path, server: Server, files: dict[str, str], args: argparse.Namespace, rate: float
 ) -> dict[str, Any]:
     """One load generator run of shape (f) against a fresh server; rate 0 is saturation."""
-    duration = args.duration if rate == 0 else max(args.duration, 2.0)
+    duration = args.duration if rate == 0 else max(args.duration, PUBSUB_LATENCY_SECONDS)
     with running(server, files) as (pid, port):
         command = [
             "taskset", "-c", CLIENT_CPU, str(binary), "--port", str(port),
