@@ -43,15 +43,16 @@
  *
  * It opens N subscriber connections and one publisher connection, subscribes each subscriber to
  * --topic (and waits for every subscription to be confirmed), then publishes --size-byte
- * messages (default and least 32: 16 hex digits of a sequence number and 16 of the send time in
- * ns, 'x' after) on the publisher connection. Without --rate it publishes at saturation: message
- * n leaves only once every subscriber has received message n-W (the window, default 64), so
- * the publisher always has W messages not yet delivered everywhere. With --rate R it publishes
- * R messages per second (still within the window) to measure latency at a light load. Every
- * subscriber checks that the offsets it receives run without hole or duplicate (each break is an
- * error). After --duration the publisher stops and the subscribers are given the time to
- * receive everything published (for as long as deliveries go on, 5 s without one at most, 120 s
- * in all); what they still miss then is "lost". Output, one JSON object:
+ * messages (32 by default, and at least: 16 hex digits of a sequence number, 16 of the send
+ * time in ns, 'x' after) on the publisher connection. Without --rate it publishes at
+ * saturation: message n leaves only once every subscriber has received message n-W (the
+ * window, default 64), so the publisher always has W messages not yet delivered everywhere.
+ * With --rate R it publishes R messages per second (still within the window) to measure
+ * latency at a light load. Every subscriber checks that the offsets it receives run without
+ * hole or duplicate (each break is an error). After --duration the publisher stops and the
+ * subscribers are given the time to receive everything published (for as long as deliveries go
+ * on, 5 s without one at most, 120 s in all); what they still miss then is "lost". Output, one
+ * JSON object:
  *
  *   {"mode":"pubsub","proto":..,"subscribers":N,"window":W,"rate":R,"size":S,"duration_s":..,
  *    "messages":..,"messages_per_s":..,"deliveries":..,"deliveries_per_s":..,"published":..,
@@ -1031,8 +1032,8 @@ static void connect_all(void)
 
 #define PS_DATA_MIN 32                 /* 16 hex digits of sequence, 16 of send time (ns) */
 #define PS_DATA_MAX 65535
-#define PS_DRAIN_IDLE_NS (5ull * 1000000000ull) /* drain: give up after this long without a delivery */
-#define PS_DRAIN_MAX_NS (120ull * 1000000000ull) /* drain: give up after this long in any case */
+#define PS_DRAIN_IDLE_NS (5ull * 1000000000ull)  /* drain: given up after this without delivery */
+#define PS_DRAIN_MAX_NS (120ull * 1000000000ull) /* drain: given up after this in any case */
 #define PS_HTTP_MAX 8192               /* longest WebSocket upgrade answer accepted */
 #define PS_BURST 4096                  /* most messages published in one loop pass */
 #define PS_READS 64                    /* most reads of one connection per readiness event */
@@ -1044,7 +1045,7 @@ enum { PS_UPGRADING, PS_OPENING, PS_JOINING, PS_SUBSCRIBING, PS_READY };
 static unsigned char *g_pub;           /* the publish request template (socketio: the payload) */
 static size_t g_pub_len, g_pub_data;   /* its length, and where its data starts */
 static uint64_t g_published, g_pub_acked, g_pub_failed;
-static uint64_t g_min, g_at_min;       /* fewest messages any subscriber has, and how many have it */
+static uint64_t g_min, g_at_min;       /* fewest messages a subscriber has; how many have that */
 static uint64_t g_min_start, g_min_stop;
 static uint64_t g_deliveries;           /* in the measured window */
 static uint64_t g_received, g_received_seen; /* in all, and when the drain last saw it move */
@@ -2007,7 +2008,8 @@ static void usage(FILE *f)
             "defaults: --host 127.0.0.1 --connections 1 --inflight 1 --size 32 --warmup 1\n"
             "--duration 5; --tls-insecure (no certificate check) and --cafile imply --tls;\n"
             "with --tls alone the server is verified against the system CAs.\n"
-            "pubsub defaults: --subscribers 100 --window 64 --rate 0 (saturation) --topic bench.t\n");
+            "pubsub defaults: --subscribers 100 --window 64 --rate 0 (saturation)\n"
+            "--topic bench.t\n");
 }
 
 static long parse_long(const char *name, const char *s, long lo, long hi)
