@@ -1,14 +1,23 @@
 """Benchmark pyasync-server beside the asyncio floor and its peers, in one run.
 
-    python bench/run.py                  # everything: about 25 minutes
+    python bench/run.py                  # everything: about 45 minutes
     python bench/run.py --quick          # one short run per row, to try the harness
     python bench/run.py --shapes e --merge   # run one shape again, keep the others' rows
+    python bench/run.py --shapes f --servers pyasync-memory,floor-pubsub-batch --quick
 
 Each server runs pinned to CPU 0 and its load generator to CPU 1 (``taskset``); a row is the
 median of ``--runs`` runs of ``--duration`` seconds measured after ``--warmup`` seconds, with the
 server's CPU use over the measured window. Writes ``results.md``, ``results.json`` and
 ``results.png`` to ``--out`` (docs/performance) and, with ``--readme``, the table into README.md.
 The load generator is ``bench/loadgen.c``, built here with the machine's C compiler.
+
+Shape (f) is publish/subscribe: one publisher and PUBSUB_SUBSCRIBERS subscriber connections,
+all in the load generator (``--mode pubsub``) so that it knows when every subscriber has a
+message. Deliveries per second are measured at saturation (the publisher keeps PUBSUB_WINDOW
+messages not yet delivered everywhere), then latency from publish to each delivery at
+PUBSUB_RATE messages per second, each against a fresh server. The brokers of the nats:// and
+redis:// rows are reached at PYASYNC_NATS_URL and PYASYNC_REDIS_URL (local defaults); they are not
+pinned. A row whose server does not start (a broker missing, say) is reported and skipped.
 """
 
 from __future__ import annotations
@@ -41,6 +50,15 @@ README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 SAME_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(128 << 20)}
 IDLE_CONNECTIONS = 5_000
 HELD_CONNECTIONS = 10_000
+PUBSUB_SUBSCRIBERS = 1_000
+PUBSUB_WINDOW = 64  # messages published and not yet delivered to every subscriber, at most
+# Messages per second for the latency run. Light: a message costs a write to each of the 1,000
+# sockets, and at 50/s the batching floor took 30% of a core and pyasync-server 65% on a 2-core VM.
+PUBSUB_RATE = 10.0
+PUBSUB_LATENCY_SECONDS = 3.0  # at least, so that p99 stands on some 30,000 deliveries
+PUBSUB_SIZE = 32  # bytes of data per message
+NATS_URL = os.environ.get("PYASYNC_NATS_URL", "nats://127.0.0.1:4222")
+REDIS_URL = os.environ.get("PYASYNC_REDIS_URL", "redis://127.0.0.1:6379")
 
 
 @dataclass
@@ -49,7 +67,7 @@ class Server:
 
     name: str
     command: list[str]
-    proto: str  # the load generator's wire format: pyasync, floor, line, grpc
+    proto: str  # the load generator's wire format: pyasync, floor, line, grpc, socketio
     env: dict[str, str] = field(default_factory=dict)
     tls: bool = False
 
@@ -109,6 +127,39 @@ SHAPES: dict[str, tuple[str, int, int, int, list[str]]] = {  # connections, in f
           ["pyasync-uvloop", "pyasync-asyncio", "pyasync-tls", "floor-uvloop", "floor-tls",
            "streams-uvloop", "grpc"]),
 }  # fmt: skip
+
+
+def pyasync_broker(name: str, url: str) -> Server:
+    # History holds far more than the window, so a subscriber caught up from it never misses.
+    return pyasync(f"pyasync-server, {name}, uvloop", BROKER_URL=url, HISTORY_SIZE="100000")
+
+
+def floor_pubsub(name: str, mode: str) -> Server:
+    return Server(name, [PYTHON, "bench/floor_pubsub.py", "--port", "{port}", "--mode", mode],
+                  "floor")  # fmt: skip
+
+
+def socketio_peer(name: str, deploy: str, redis: str = "") -> Server:
+    command = [PYTHON, "bench/peers/socketio_server.py", "--port", "{port}", "--deploy", deploy]
+    return Server(name, command + (["--redis", redis] if redis else []), "socketio")
+
+
+PUBSUB_SERVERS = {
+    "pyasync-memory": pyasync_broker("memory://", "memory://"),
+    "pyasync-nats": pyasync_broker("nats://", NATS_URL),
+    "pyasync-redis": pyasync_broker("redis://", REDIS_URL),
+    "floor-pubsub-write": floor_pubsub("floor: a write per message and subscriber", "write"),
+    "floor-pubsub-batch": floor_pubsub("floor: a write per subscriber per loop pass", "batch"),
+    "socketio": socketio_peer("python-socketio 5, uvicorn, in-process rooms", "uvicorn"),
+    "socketio-redis": socketio_peer("python-socketio 5, uvicorn, AsyncRedisManager", "uvicorn",
+                                    REDIS_URL),
+    "socketio-aiohttp": socketio_peer("python-socketio 5, aiohttp, in-process rooms", "aiohttp"),
+}  # fmt: skip
+PUBSUB_TITLE = (f"publish/subscribe: 1 publisher, {PUBSUB_SUBSCRIBERS:,} subscribers, "
+                f"{PUBSUB_SIZE} B messages")  # fmt: skip
+PUBSUB_ROWS = ["pyasync-memory", "pyasync-nats", "pyasync-redis", "floor-pubsub-write",
+               "floor-pubsub-batch", "socketio", "socketio-redis"]  # fmt: skip
+SHAPE_KEYS = "abcdef"
 
 
 # ---- processes ----------------------------------------------------------------------------------
@@ -315,6 +366,69 @@ def run_database_shape(binary: Path, files: dict[str, str], args: argparse.Names
     return rows
 
 
+def pubsub_load(
+    binary: Path, server: Server, files: dict[str, str], args: argparse.Namespace, rate: float
+) -> dict[str, Any]:
+    """One load generator run of shape (f) against a fresh server; rate 0 is saturation."""
+    duration = args.duration if rate == 0 else max(args.duration, PUBSUB_LATENCY_SECONDS)
+    with running(server, files) as (pid, port):
+        command = [
+            "taskset", "-c", CLIENT_CPU, str(binary), "--port", str(port),
+            "--proto", server.proto, "--mode", "pubsub",
+            "--subscribers", str(PUBSUB_SUBSCRIBERS), "--window", str(PUBSUB_WINDOW),
+            "--size", str(PUBSUB_SIZE), "--rate", f"{rate:g}", "--cpu-pid", str(pid),
+            "--warmup", str(args.warmup), "--duration", str(duration),
+        ]  # fmt: skip
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed ({done.returncode}): {done.stderr.strip()}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def run_pubsub_shape(binary: Path, files: dict[str, str], args: argparse.Namespace) -> list[Row]:
+    """(f): deliveries/s at saturation, then latency at PUBSUB_RATE, per server."""
+    rows = []
+    names = [name for name in PUBSUB_SERVERS if name in args.servers] or PUBSUB_ROWS
+    if args.servers and not set(args.servers) & set(PUBSUB_SERVERS):
+        names = []  # rows of other shapes were asked for
+    for name in names:
+        server = PUBSUB_SERVERS[name]
+        runs = []
+        try:
+            for _ in range(args.runs):
+                busy = pubsub_load(binary, server, files, args, 0.0)
+                light = pubsub_load(binary, server, files, args, PUBSUB_RATE)
+                cpu = busy["server_cpu_percent"] or 0.0
+                runs.append({
+                    "deliveries_per_s": busy["deliveries_per_s"],
+                    "messages_per_s": busy["messages_per_s"],
+                    "server_cpu_percent": cpu,
+                    "client_cpu_percent": busy["client_cpu_percent"],
+                    "deliveries_per_cpu_s": busy["deliveries_per_s"] * 100 / cpu if cpu else 0.0,
+                    "latency_rate": light["messages_per_s"],
+                    "p50_us": light["p50_us"],
+                    "p99_us": light["p99_us"],
+                    "errors": busy["errors"] + light["errors"],
+                    "lost": busy["lost"] + light["lost"],
+                    "saturation": busy,
+                    "latency": light,
+                })  # fmt: skip
+        except RuntimeError as exc:  # a broker not there, or not supported by this server
+            print(f"(f) {server.name:45} skipped: {exc}", flush=True)
+            continue
+        row = Row("f", server.name, "loadgen (C)", runs)
+        rows.append(row)
+        print(
+            f"(f) {server.name:45} {row.median('deliveries_per_s'):>10,.0f} deliveries/s "
+            f"server CPU {row.median('server_cpu_percent'):3.0f}%  at {PUBSUB_RATE:g}/s: p50 "
+            f"{row.median('p50_us'):>8,.0f} us p99 {row.median('p99_us'):>8,.0f} us  "
+            f"errors {row.median('errors'):.0f} lost {row.median('lost'):.0f}",
+            flush=True,
+        )
+    return rows
+
+
 # ---- output -------------------------------------------------------------------------------------
 
 
@@ -371,6 +485,33 @@ def table(rows: list[Row], args: argparse.Namespace) -> str:
             lines.append(f"| {through.server} | {through.client} | "
                          f"{through.median('rps'):,.0f} | {ratio:.2f} |")  # fmt: skip
         lines.append("")
+    pubsub = [row for row in rows if row.shape == "f"]
+    if pubsub:
+        lines += [
+            f"**(f) {PUBSUB_TITLE}**",
+            "",
+            f"Deliveries/s at saturation: the publisher keeps {PUBSUB_WINDOW} messages not yet "
+            "delivered to every subscriber. Per server CPU-second: deliveries/s divided by the "
+            "server's CPU use, less sensitive to a busy machine. Latency: at "
+            f"{PUBSUB_RATE:g} messages/s (the rate reached is shown), from the publisher's write "
+            "to each subscriber's read. Errors: offsets out of sequence; lost: messages some "
+            "subscriber never received. Brokers (NATS, Redis) are not pinned and their CPU is not "
+            "counted.",
+            "",
+            "| server | client | deliveries/s | per server CPU-s | server CPU | client CPU | "
+            "msg/s of latency run | p50 µs | p99 µs | errors | lost |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        ]  # fmt: skip
+        for row in pubsub:
+            lines.append(
+                f"| {row.server} | {row.client} | {row.median('deliveries_per_s'):,.0f} | "
+                f"{row.median('deliveries_per_cpu_s'):,.0f} | "
+                f"{row.median('server_cpu_percent'):.0f}% | "
+                f"{row.median('client_cpu_percent'):.0f}% | {row.median('latency_rate'):,.1f} | "
+                f"{row.median('p50_us'):,.0f} | {row.median('p99_us'):,.0f} | "
+                f"{row.median('errors'):,.0f} | {row.median('lost'):,.0f} |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -380,21 +521,26 @@ def chart(rows: list[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shapes = [key for key in SHAPES if any(row.shape == key for row in rows)]
+    charted = [*SHAPES, "f"]
+    shapes = [key for key in charted if any(row.shape == key for row in rows)]
     if not shapes:
         return
     figure, axes = plt.subplots(len(shapes), 1, figsize=(10, 3.2 * len(shapes)), squeeze=False)
     for axis, key in zip(axes[:, 0], shapes, strict=True):
         shape_rows = [row for row in rows if row.shape == key]
-        metric, unit = ("mb_per_s", "MB/s") if key == "c" else ("rps", "requests/s")
+        metric, unit = {"c": ("mb_per_s", "MB/s"),
+                        "f": ("deliveries_per_s", "deliveries/s, log scale")}.get(
+                            key, ("rps", "requests/s"))  # fmt: skip
         values = [row.median(metric) for row in shape_rows]
         colors = ["tab:blue" if row.server.startswith("pyasync") else
                   "tab:gray" if row.server.startswith("floor") else "tab:orange"
                   for row in shape_rows]  # fmt: skip
         axis.barh([row.server for row in shape_rows], values, color=colors)
         axis.invert_yaxis()
-        axis.set_title(f"({key}) {SHAPES[key][0]}", fontsize=10)
+        axis.set_title(f"({key}) {PUBSUB_TITLE if key == 'f' else SHAPES[key][0]}", fontsize=10)
         axis.set_xlabel(unit)
+        if key == "f":  # the rows span three orders of magnitude
+            axis.set_xscale("log")
         axis.tick_params(labelsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -427,12 +573,13 @@ def build_loadgen(directory: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="abcde", help="which of a b c d e (default all)")
+    parser.add_argument("--shapes", default=SHAPE_KEYS, help="which of a b c d e f (default all)")
     parser.add_argument("--backends", default="sqlite,mariadb,postgres")
     parser.add_argument(
         "--servers",
         default="",
-        help=f"rows of shapes a-c to run, comma-separated: {', '.join(SERVERS)}",
+        help=f"rows of shapes a-c to run, comma-separated: {', '.join(SERVERS)}; of shape f: "
+        f"{', '.join(PUBSUB_SERVERS)}",
     )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=float, default=2.0)
@@ -446,6 +593,9 @@ def main() -> None:
     args = parser.parse_args()
     args.backends = [b for b in args.backends.split(",") if b]
     args.servers = [s for s in args.servers.split(",") if s]
+    unknown = sorted(set(args.servers) - set(SERVERS) - set(PUBSUB_SERVERS))
+    if unknown:
+        parser.error(f"--servers: unknown {', '.join(unknown)}")
     if args.quick:
         args.runs, args.warmup, args.duration = 1, 0.5, 1.0
     if len(os.sched_getaffinity(0)) < 2 or shutil.which("taskset") is None:
@@ -470,11 +620,14 @@ def main() -> None:
         if "e" in args.shapes:
             rows += run_database_shape(binary, files, args)
             write_outputs(kept + rows, args)
+        if "f" in args.shapes:
+            rows += run_pubsub_shape(binary, files, args)
+            write_outputs(kept + rows, args)
     print(f"\nwrote {args.out / 'results.md'}, results.json and results.png")
 
 
 def write_outputs(rows: list[Row], args: argparse.Namespace) -> None:
-    rows = sorted(rows, key=lambda row: "abcde".index(row.shape))
+    rows = sorted(rows, key=lambda row: SHAPE_KEYS.index(row.shape))
     args.out.mkdir(parents=True, exist_ok=True)
     markdown = table(rows, args)
     (args.out / "results.md").write_text(markdown + "\n")

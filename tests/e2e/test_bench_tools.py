@@ -95,3 +95,41 @@ def test_loadgen_reads_keys_through_the_server(loadgen: Path, tmp_path: Path) ->
     finally:
         assert server.stop() == 0
     assert result["requests"] > 50 and result["errors"] == 0  # every key exists: no NOT_FOUND
+
+
+@pytest.mark.parametrize("proto", ["pyasync", "floor", "socketio"])
+def test_loadgen_pubsub_mode_delivers_every_message_to_every_subscriber(
+    loadgen: Path, tmp_path: Path, proto: str
+) -> None:
+    pubsub = ["--proto", proto, "--mode", "pubsub", "--subscribers", "50"]
+    if proto == "pyasync":
+        env = clean_env(COMPRESSION_THRESHOLD="0", DB_BACKEND="none", BROKER_URL="memory://")
+        server = start_server_process(tmp_path, env=env)
+        try:
+            busy = run_loadgen(loadgen, server.port, *pubsub, "--window", "16")
+            light = run_loadgen(loadgen, server.port, *pubsub, "--rate", "40")
+        finally:
+            assert server.stop() == 0
+    else:
+        if proto == "socketio":
+            pytest.importorskip("socketio")
+        program = {"floor": "floor_pubsub.py", "socketio": "peers/socketio_server.py"}[proto]
+        peer = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / program), "--port", "0"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert peer.stdout is not None
+            ready = peer.stdout.readline().split()
+            assert ready[:1] == ["ready"], ready
+            busy = run_loadgen(loadgen, int(ready[1]), *pubsub, "--window", "16")
+            light = run_loadgen(loadgen, int(ready[1]), *pubsub, "--rate", "40")
+        finally:
+            peer.terminate()
+            assert peer.wait(15) == 0
+            assert peer.stdout is not None
+            peer.stdout.close()
+    for result in (busy, light):  # offsets in sequence, nothing missing once the publisher stops
+        assert result["deliveries"] > 0 and result["errors"] == 0 and result["lost"] == 0
+    assert busy["messages"] > 0 and 0 < busy["p50_us"] <= busy["p99_us"] <= busy["max_us"]
+    assert light["published"] <= 40  # 0.7 s at 40 messages/s: about 28, never a flood
