@@ -62,9 +62,9 @@ class Connection(asyncio.Protocol):
 
     __slots__ = (
         "address", "auth_timer", "closed", "ctx", "decoder", "id", "is_closing", "is_draining",
-        "is_read_paused", "is_ready", "is_write_paused", "loop", "push_bytes", "refused",
-        "push_waiter", "pushes", "requests_answered", "router", "server", "settings", "tasks",
-        "throttle_answer", "tokens", "tokens_at", "transport", "watchdog",
+        "is_read_paused", "is_ready", "is_write_paused", "loop", "push_bytes", "push_room",
+        "push_waiter", "pushes", "refused", "requests_answered", "router", "server", "settings",
+        "tasks", "throttle_answer", "tokens", "tokens_at", "transport", "watchdog",
     )  # fmt: skip  # thousands of idle connections: no per-instance dict
 
     def __init__(self, server: Server, connection_id: int) -> None:
@@ -86,6 +86,7 @@ class Connection(asyncio.Protocol):
         self.closed = self.loop.create_future()
         self.pushes: list[bytes] = []  # event frames waiting for this loop pass's write
         self.push_bytes = 0
+        self.push_room = 0  # bytes of pushes that fit this pass (PUSH_BUFFER_SIZE less the queue)
         self.push_waiter: asyncio.Future[None] | None = None  # a replay waiting for room
         self.address = ""  # the client's IP address, as counted for MAX_CONNECTIONS_PER_IP
         self.auth_timer: asyncio.TimerHandle | None = None
@@ -193,18 +194,20 @@ class Connection(asyncio.Protocol):
         A slow reader's pushes stop here, bounded; the broker replays them from history once
         ``writable()`` returns.
         """
-        transport = self.transport
-        if self.is_closing or transport is None:
+        return self.push_parts(frame, b"", b"")
+
+    def push_parts(self, header: bytes, prefix: bytes, rest: bytes) -> bool:
+        """``push(header + prefix + rest)``, joined only with the rest of this pass's write."""
+        if self.is_closing or self.transport is None:
             return True  # going away: nothing to keep
-        size = len(frame)
-        if (
-            self.push_bytes + size + transport.get_write_buffer_size()
-            > self.settings.push_buffer_size
-        ):
-            return False
-        if not self.pushes:
+        size = len(header) + len(prefix) + len(rest)
+        pushes = self.pushes
+        if not pushes:  # the first of this pass: what the socket holds is read once per pass
+            self.push_room = self.settings.push_buffer_size - self.transport.get_write_buffer_size()
             self.loop.call_soon(self._flush_pushes)
-        self.pushes.append(frame)
+        if self.push_bytes + size > self.push_room:
+            return False
+        pushes += header, prefix, rest
         self.push_bytes += size
         return True
 
