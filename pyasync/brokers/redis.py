@@ -12,7 +12,7 @@ Why it is built this way:
   ``history_ttl`` without publishes, and PUBLISHes the message. Redis runs a script alone, so
   offsets have no holes and no duplicates whatever the number of publishing processes, and the
   history holds a message before any live subscriber can see it.
-* Live messages travel over Pub/Sub on ``pyasync:live:<topic>``: one connection for all
+* Live messages travel over Pub/Sub on ``pyasync:live:<db>:<topic>``: one connection for all
   patterns, each pattern PSUBSCRIBEd as a glob and filtered exactly with ``topic_matches``
   (a glob's ``*`` crosses dots). A reader task owns that connection; when it drops, the task
   connects again with back-off, subscribes every glob again and only then calls
@@ -47,8 +47,10 @@ log = logging.getLogger("pyasync.broker.redis")
 
 KEY_PREFIX = "pyasync:topic:"  # a topic's history: KEY_PREFIX + topic
 COUNTER_PREFIX = "pyasync:offset:"  # a topic's newest offset: COUNTER_PREFIX + topic
-CHANNEL_PREFIX = "pyasync:live:"  # a topic's live messages: CHANNEL_PREFIX + topic
-CONTROL_CHANNEL = CHANNEL_PREFIX.rstrip(":")  # no topic: keeps the Pub/Sub connection open
+# A topic's live messages: "pyasync:live:<db>:" + topic. Pub/Sub ignores the database number,
+# so the channel names it: servers on another database must not see offsets of this one.
+CHANNEL_PREFIX = "pyasync:live:{db}:"
+CONTROL_CHANNEL = "pyasync:control:{db}"  # silent: keeps the Pub/Sub connection open
 
 CONNECT_TIMEOUT = 2.0  # seconds for one connection attempt
 COMMAND_TIMEOUT = 5.0  # seconds for one command's answer
@@ -152,6 +154,9 @@ class RedisBackend:
             retry=Retry(NoBackoff(), 0),
         )
         self.redis = aioredis.Redis(connection_pool=self.pool)
+        db = self.pool.connection_kwargs.get("db", 0)
+        self.channel_prefix = CHANNEL_PREFIX.format(db=db)
+        self.control_channel = CONTROL_CHANNEL.format(db=db)
         self.publish_script = self.redis.register_script(PUBLISH)
         self.history_script = self.redis.register_script(HISTORY)
         self.listeners: dict[str, Callable[[Stored], None]] = {}
@@ -211,7 +216,7 @@ class RedisBackend:
             data,
             self.settings.history_size,
             self.ttl_ms,
-            CHANNEL_PREFIX + topic,
+            self.channel_prefix + topic,
         ]
         with self._translate():
             offset = await self.publish_script(keys=keys, args=args)
@@ -260,7 +265,7 @@ class RedisBackend:
         """
         if not self.is_connected or self.pubsub is None:
             raise Unavailable(f"Redis broker at {self.address} unreachable: {self.last_error}")
-        glob = glob_for(CHANNEL_PREFIX, pattern)
+        glob = glob_for(self.channel_prefix, pattern)
         self.listeners[pattern] = deliver
         users = self.globs.setdefault(glob, set())
         users.add(pattern)
@@ -282,7 +287,7 @@ class RedisBackend:
         """Stop ``listen(pattern)``; if Redis is away, it is not subscribed again on return."""
         if self.listeners.pop(pattern, None) is None:
             return
-        glob = glob_for(CHANNEL_PREFIX, pattern)
+        glob = glob_for(self.channel_prefix, pattern)
         users = self.globs.get(glob, set())
         users.discard(pattern)
         if users:
@@ -313,7 +318,7 @@ class RedisBackend:
         """A new Pub/Sub connection with every glob; on_reconnect follows their confirmations."""
         was_down = self.attempted is not None and self.attempted.is_set()
         self.pubsub = self.redis.pubsub()
-        await self.pubsub.subscribe(CONTROL_CHANNEL)
+        await self.pubsub.subscribe(self.control_channel)
         globs = list(self.globs)
         if globs:
             await self.pubsub.psubscribe(*globs)
@@ -356,7 +361,7 @@ class RedisBackend:
                     self.on_reconnect()
 
     def _dispatch(self, glob: str, channel: bytes, payload: bytes) -> None:
-        topic = channel.decode()[len(CHANNEL_PREFIX) :]
+        topic = channel.decode()[len(self.channel_prefix) :]
         head, _, data = payload.partition(b" ")
         message = Stored(topic, int(head), data)
         for pattern in list(self.globs.get(glob, ())):

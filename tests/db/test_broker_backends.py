@@ -130,10 +130,10 @@ class Backends:
             await client.aclose()
 
 
-async def backends_of(kind: str) -> AsyncIterator[Backends]:
-    backends = Backends(kind)
+async def backends_of(backends: Backends) -> AsyncIterator[Backends]:
+    """Yield ``backends`` once its service answers (or skip), then close and clean up."""
     try:
-        if kind != "memory":
+        if backends.kind != "memory":
             await backends.require_reachable()
         yield backends
     finally:
@@ -142,13 +142,19 @@ async def backends_of(kind: str) -> AsyncIterator[Backends]:
 
 @pytest.fixture(params=KINDS)
 async def backends(request: pytest.FixtureRequest) -> AsyncIterator[Backends]:
-    async for opened in backends_of(request.param):
+    async for opened in backends_of(Backends(request.param)):
         yield opened
 
 
 @pytest.fixture(params=REMOTE)
 async def remote(request: pytest.FixtureRequest) -> AsyncIterator[Backends]:
-    async for opened in backends_of(request.param):
+    async for opened in backends_of(Backends(request.param)):
+        yield opened
+
+
+@pytest.fixture
+async def redis_only() -> AsyncIterator[Backends]:
+    async for opened in backends_of(Backends("redis")):
         yield opened
 
 
@@ -356,6 +362,27 @@ async def test_concurrent_publishers_share_one_gapless_sequence(remote: Backends
     await wait_until(lambda: len(seen) >= 800, timeout=30)
     assert offsets(seen) == list(range(1, 801))
     assert {message.offset: message.data for message in seen} == published
+
+
+async def test_redis_databases_do_not_share_live_messages(redis_only: Backends) -> None:
+    """Pub/Sub ignores the database number; a listener must still hear its database only."""
+    parts = urlsplit(URLS["redis"])
+    elsewhere = Backends("redis")
+    elsewhere.prefix = redis_only.prefix  # the same topic names, in another database
+    elsewhere.url = parts._replace(path=f"/{(int(parts.path.strip('/') or 0) + 1) % 16}").geturl()
+    try:
+        listening = (await redis_only.open()).backend
+        publishing = (await elsewhere.open()).backend
+        topic = redis_only.topic("a")
+        seen: list[Stored] = []
+        await listening.listen(topic, seen.append)
+        assert await publishing.publish(topic, b"other database") == 1
+        # Redis runs the two publishes in this order: a leak would arrive first.
+        assert await listening.publish(topic, b"this database") == 1
+        await wait_until(lambda: len(seen) >= 1)
+        assert seen == [Stored(topic, 1, b"this database")]
+    finally:
+        await elsewhere.close()
 
 
 class Pushes:
