@@ -101,9 +101,11 @@ class Backends:
         import nats
         from nats.js.errors import NotFoundError
 
-        namespace = urlsplit(self.url).path.strip("/").upper()
+        parts = urlsplit(self.url)
+        namespace = parts.path.strip("/").upper()
+        server = parts._replace(path="").geturl()
         try:
-            client = await nats.connect(URLS["nats"], connect_timeout=2, allow_reconnect=False)
+            client = await nats.connect(server, connect_timeout=2, allow_reconnect=False)
         except Exception:
             return  # unreachable: nothing was created
         try:
@@ -119,7 +121,7 @@ class Backends:
         import redis.asyncio
         from redis.exceptions import RedisError
 
-        client = redis.asyncio.Redis.from_url(URLS["redis"], socket_connect_timeout=2)
+        client = redis.asyncio.Redis.from_url(self.url, socket_connect_timeout=2)
         try:
             keys = [key async for key in client.scan_iter(match=f"pyasync:*:{self.prefix}.*")]
             if keys:
