@@ -108,6 +108,14 @@ def open_backend(settings: BrokerSettings, on_reconnect: Callable[[], None]) -> 
         from pyasync.brokers.memory import MemoryBackend
 
         return MemoryBackend(settings)
+    if scheme == "nats":
+        from pyasync.brokers.nats import NatsBackend
+
+        return NatsBackend(settings, on_reconnect)
+    if scheme in ("redis", "rediss"):
+        from pyasync.brokers.redis import RedisBackend
+
+        return RedisBackend(settings, on_reconnect)
     raise ValueError(f"BROKER_URL must start with memory://, nats:// or redis://, got {scheme!r}")
 
 
