@@ -44,6 +44,9 @@ __all__ = [
 log = logging.getLogger("pyasync.broker")
 
 REPLAY_CHUNK = 256  # messages read from history per backend call while catching up
+# Seconds a replay waits for history to hold a message already seen live before it announces
+# it as a gap (a backend whose history and live feed disagree must not stall a subscriber).
+HISTORY_LAG = 2.0
 TOKEN = re.compile(r"[^\s.*>]+")  # a topic token: no space, dot or wildcard
 
 
@@ -197,8 +200,8 @@ class Subscription:
     """
 
     __slots__ = (
-        "catch_up_task", "catching_up", "default_after", "id", "live_heads", "pattern",
-        "positions", "prefix", "target",
+        "catch_up_task", "catching_up", "default_after", "id", "live_heads", "live_only",
+        "pattern", "positions", "prefix", "target",
     )  # fmt: skip
 
     def __init__(
@@ -208,12 +211,14 @@ class Subscription:
         target: PushTarget,
         positions: dict[str, int],
         default_after: int,
+        live_only: bool = False,
     ) -> None:
         self.id = subscription_id
         self.pattern = pattern
         self.target = target
         self.positions = positions  # topic -> last offset delivered (or skipped by request)
         self.default_after = default_after  # the position of a topic not in positions
+        self.live_only = live_only  # subscribed without since: new messages only
         self.live_heads: dict[str, int] = {}  # topic -> newest offset seen live while catching up
         self.catching_up = True
         self.catch_up_task: asyncio.Task[None] | None = None
@@ -350,7 +355,9 @@ class Broker:
                 complete = False
             wanted[topic] = min(after, head)
         self._ids += 1
-        subscription = Subscription(self._ids, pattern, target, wanted, since or 0)
+        subscription = Subscription(
+            self._ids, pattern, target, wanted, since or 0, live_only=since is None
+        )
         listener.subscriptions.add(subscription)
         return subscription, position, complete
 
@@ -418,7 +425,9 @@ class Broker:
                 if offset > heads.get(topic, 0):
                     heads[topic] = offset
                 continue
-            last = subscription.positions.get(topic, subscription.default_after)
+            last = subscription.positions.get(topic)
+            if last is None:  # a topic first seen now: from here if new messages only
+                last = offset - 1 if subscription.live_only else subscription.default_after
             if offset <= last:
                 continue  # delivered already (replayed at the seam)
             if offset > last + 1:  # missed live messages: fetch them from history
@@ -465,6 +474,7 @@ class Broker:
         arrives meanwhile is either in the replay or pushed live, never lost or pushed twice.
         """
         delay = 0.05
+        waited = 0  # passes in which live messages were ahead of history
         while True:
             await subscription.target.writable()
             try:
@@ -482,7 +492,21 @@ class Broker:
                 subscription.catching_up = False
                 return
             if done:  # live is ahead of what history holds yet: let the backend store it
+                waited += 1
+                if waited * 0.01 >= HISTORY_LAG:  # it never will: say what is missing
+                    self._give_up_waiting(subscription)
                 await asyncio.sleep(0.01)
+            else:
+                waited = 0
+
+    def _give_up_waiting(self, subscription: Subscription) -> None:
+        """Announce as a gap the live offsets that history never came to hold."""
+        for topic, head in subscription.live_heads.items():
+            after = subscription.positions.get(topic, subscription.default_after)
+            if head > after and subscription.target.push(
+                _gap_frame(subscription, topic, after, head + 1)
+            ):
+                subscription.positions[topic] = head
 
     async def _replay_once(self, subscription: Subscription) -> bool:
         """One pass over the subscription's topics; True once nothing more could be pushed
@@ -493,7 +517,9 @@ class Broker:
         else:
             topics = {subscription.pattern}
         for topic in sorted(topics):
-            after = subscription.positions.get(topic, subscription.default_after)
+            after = subscription.positions.get(topic)
+            if after is None:
+                after = await self._start_of(subscription, topic)
             while True:
                 messages, head = await self.backend.history(topic, after, REPLAY_CHUNK)
                 first = messages[0].offset if messages else head + 1
@@ -510,6 +536,16 @@ class Broker:
                 if len(messages) < REPLAY_CHUNK:
                     break
         return True
+
+    async def _start_of(self, subscription: Subscription, topic: str) -> int:
+        """Where a subscription starts in a topic it had no position for: for new messages
+        only, at the topic's first kept message (what came before was published before it
+        subscribed, or is a topic whose history expired: no gap to announce); else at
+        ``since``."""
+        if not subscription.live_only:
+            return subscription.default_after
+        messages, head = await self.backend.history(topic, 0, 1)
+        return messages[0].offset - 1 if messages else head
 
     def _resync_all(self) -> None:
         """After the backend reconnected: replay whatever was published while it was away."""

@@ -69,7 +69,14 @@ class MemoryBackend:
         return [kept.kept[index][1] for index in range(start, stop)], kept.head
 
     async def topics(self, pattern: str) -> list[str]:
-        return [topic for topic in self.topics_ if topic_matches(pattern, topic)]
+        now = time.monotonic()
+        found = []
+        for topic, kept in self.topics_.items():
+            if topic_matches(pattern, topic):
+                self._trim(kept, now)
+                if kept.kept:  # a topic whose history aged out keeps its head, not a listing
+                    found.append(topic)
+        return found
 
     def _trim(self, kept: _Topic, now: float) -> None:
         messages, settings = kept.kept, self.settings
