@@ -40,6 +40,7 @@ __all__ = [
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 MIB = 1024 * 1024
+MAX_WORKERS = 256  # processes; far above any CPU count this server would sensibly use
 # The one settings file that may be missing: a bare machine runs on defaults. Any other file
 # named (``--env-file``) must exist, or a typo would silently run on defaults.
 DEFAULT_ENV_FILE: Final = ".env"
@@ -140,9 +141,21 @@ class Settings:
         "Bytes of pushes one connection may have unsent; beyond, it is caught up from history.",
         low=1024,
     )
+    workers: str = setting(
+        "1", "Server processes sharing the port: a number, or auto for one per CPU."
+    )
+    drain_idle_timeout: float = setting(
+        1.0,
+        "Workers stopping: close a connection this long after its last request, seconds.",
+        low=0,
+    )
+    node_id: str = setting(
+        "", "This server's name in SERVER_INFO; empty = hostname:port (workers add /w<k>)."
+    )
 
     def __post_init__(self) -> None:
         validate(self)  # types, ranges and choices, as for values read by ``load()``
+        _normalise_workers(self)
         if self.enable_tls and not (self.tls_cert_file and self.tls_key_file):
             raise ConfigError(
                 "ENABLE_TLS=true needs TLS_CERT_FILE and TLS_KEY_FILE "
@@ -166,6 +179,20 @@ class Settings:
             for f in dataclasses.fields(self)
             if not f.metadata.get("secret")
         }
+
+
+def _normalise_workers(settings: Settings) -> None:
+    """Check WORKERS (``auto`` or 1 to ``MAX_WORKERS``) and store it as ``auto`` or digits."""
+    text = settings.workers.strip().lower()
+    if text != "auto":
+        count = int(text) if text.isdigit() else 0
+        if not 1 <= count <= MAX_WORKERS:
+            raise ConfigError(
+                f"WORKERS must be auto or a whole number from 1 to {MAX_WORKERS}, "
+                f"got {settings.workers!r}"
+            )
+        text = str(count)
+    object.__setattr__(settings, "workers", text)
 
 
 SettingsT = TypeVar("SettingsT")
