@@ -12,9 +12,12 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,10 +26,14 @@ from pathlib import Path
 import pytest
 import trustme
 
+import config
+import server_config
 from broker import BrokerSettings, open_backend
 from client import Client
 from package import PACKAGE, EchoRequest, KvPutAnswer, KvPutRequest, ServerInfoAnswer
+from pyasync import supervisor
 from tests.helpers import (
+    ROOT,
     ServerProcess,
     clean_env,
     run_server_program,
@@ -371,3 +378,64 @@ async def test_sighup_replaces_workers_with_no_refused_connection_or_failed_requ
     assert version == long.requests
     assert len(worker_pids(server)) == 2 + 3 * 2  # w1, w2, then two new ones per reload
     assert "Traceback" not in server.log and "refused" not in server.log
+
+
+# ---- the systemd unit ----------------------------------------------------------------------------
+
+UNIT = ROOT / "deploy" / "pyasync-server.service"
+INSTALLED_AT = "/opt/pyasync-server"  # where the unit expects the project and its .venv
+
+
+def unit_settings() -> dict[str, list[str]]:
+    """``Key`` -> values of the unit file (a key may repeat, as SystemCallFilter does)."""
+    values: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            values.setdefault(key, []).append(value)
+    return values
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
+    """``systemd-analyze verify`` accepts the unit and says nothing about it.
+
+    verify insists that ExecStart's program exists, so the unit is checked as installed under
+    a stand-in for its install folder, whose .venv's python is this one. verify reports a value
+    it cannot parse and goes on with exit code 0, hence the check of its output.
+    """
+    venv_bin = tmp_path / "install" / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").symlink_to(sys.executable)
+    (tmp_path / "units").mkdir()
+    unit = tmp_path / "units" / UNIT.name
+    unit.write_text(UNIT.read_text().replace(INSTALLED_AT, str(tmp_path / "install")))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert UNIT.name not in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def test_the_systemd_unit_stops_and_reloads_the_way_the_supervisor_expects() -> None:
+    unit = unit_settings()
+    shutdown_timeout = config.Settings().shutdown_timeout
+    assert float(unit["TimeoutStopSec"][0]) > shutdown_timeout + supervisor.KILL_GRACE
+    assert unit["KillSignal"] == ["SIGTERM"] and unit["KillMode"] == ["mixed"]
+    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert unit["Restart"] == ["on-failure"] and unit["RestartPreventExitStatus"] == ["78"]
+    assert unit["User"] == ["pyasync"] and "WORKERS=auto" in unit["Environment"]
+    assert unit["ExecStart"][0].startswith(f"{INSTALLED_AT}/.venv/bin/python {INSTALLED_AT}/")
+
+
+def test_the_readme_node_settings_are_valid(tmp_path: Path) -> None:
+    """The Deploy section's settings file for node A loads as it says."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("```sh\n", readme.index("pyasync.env` on node A")) + len("```sh\n")
+    env_file = tmp_path / "pyasync.env"
+    env_file.write_text(readme[start : readme.index("```", start)])
+    settings = config.load(env_file=env_file, environ={})
+    database = server_config.load(env_file=env_file, environ={})
+    assert (settings.node_id, settings.host) == ("node-a", "10.0.0.11")
+    assert settings.broker_url.startswith("nats://") and database.db_backend == "POSTGRES"
