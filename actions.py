@@ -181,7 +181,7 @@ def change_question_mark(
 
 @action(PACKAGE.REQUEST_SERVER_INFO, scopes=("server.info",))
 async def server_info(request: ServerInfoRequest, ctx: Context) -> ServerInfoAnswer:
-    """Version, uptime, load and the configuration (never its secrets)."""
+    """Version, uptime, load, the configuration (never its secrets) and which node answers."""
     app = ctx.app
     manager = app.database
     return ServerInfoAnswer(
@@ -191,6 +191,7 @@ async def server_info(request: ServerInfoRequest, ctx: Context) -> ServerInfoAns
         requests_served=app.stats.requests_served,
         config={**app.settings.summary(), **app.db_settings.summary()},
         database=await manager.info() if manager is not None else None,
+        node_id=app.settings.node_id,
     )
 
 

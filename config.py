@@ -42,6 +42,7 @@ __all__ = [
 BROKER_SCHEMES = ("memory", "nats", "redis", "rediss")
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 MIB = 1024 * 1024
+MAX_WORKERS = 256  # processes; far above any CPU count this server would sensibly use
 # The one settings file that may be missing: a bare machine runs on defaults. Any other file
 # named (``--env-file``) must exist, or a typo would silently run on defaults.
 DEFAULT_ENV_FILE: Final = ".env"
@@ -173,9 +174,21 @@ class Settings:
     upstreams: str = setting(
         "", "Other pyasync servers actions call: name=host:port,host:port;name2=host:port."
     )
+    workers: str = setting(
+        "1", "Server processes sharing the port: a number, or auto for one per CPU."
+    )
+    drain_idle_timeout: float = setting(
+        1.0,
+        "Workers stopping: close a connection this long after its last request, seconds.",
+        low=0,
+    )
+    node_id: str = setting(
+        "", "This server's name in SERVER_INFO; empty = hostname:port (workers add /w<k>)."
+    )
 
     def __post_init__(self) -> None:
         validate(self)  # types, ranges and choices, as for values read by ``load()``
+        _normalise_workers(self)
         if self.enable_tls and not (self.tls_cert_file and self.tls_key_file):
             raise ConfigError(
                 "ENABLE_TLS=true needs TLS_CERT_FILE and TLS_KEY_FILE "
@@ -206,6 +219,20 @@ class Settings:
             for f in dataclasses.fields(self)
             if not f.metadata.get("secret")
         }
+
+
+def _normalise_workers(settings: Settings) -> None:
+    """Check WORKERS (``auto`` or 1 to ``MAX_WORKERS``) and store it as ``auto`` or digits."""
+    text = settings.workers.strip().lower()
+    if text != "auto":
+        count = int(text) if text.isdigit() else 0
+        if not 1 <= count <= MAX_WORKERS:
+            raise ConfigError(
+                f"WORKERS must be auto or a whole number from 1 to {MAX_WORKERS}, "
+                f"got {settings.workers!r}"
+            )
+        text = str(count)
+    object.__setattr__(settings, "workers", text)
 
 
 SettingsT = TypeVar("SettingsT")

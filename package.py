@@ -476,6 +476,7 @@ class ServerInfoAnswer(Body, frozen=True, kw_only=True):
     requests_served: Int64
     config: dict[str, Any]
     database: dict[str, Any] | None = None  # DB_INFO's fields; None without a database
+    node_id: str = ""  # NODE_ID: which server (and worker) answered, unique in a cluster
 
 
 @body(PACKAGE.REQUEST_KV_PUT)

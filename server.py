@@ -1,6 +1,9 @@
 """The pyasync-server: listens, owns connections and their tasks, enforces limits, shuts down.
 
 Run it with ``python server.py``; embed it with ``async with serve(settings) as server:``.
+``python server.py --workers N`` runs ``pyasync.supervisor`` instead, which starts N copies of
+this program on one listening socket they inherit (``--listen-fd``); such a worker retires
+(``Server.retire``) rather than shutting down at once, so that the others take over its share.
 """
 
 from __future__ import annotations
@@ -9,15 +12,18 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import dataclasses
+import functools
 import ipaddress
 import itertools
 import logging
 import signal
+import socket
 import ssl
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import actions  # noqa: F401  # registers the built-in and the user's actions and hooks
 import config
@@ -26,6 +32,7 @@ from broker import Broker, BrokerSettings
 from config import ConfigError, Settings
 from context import App, set_current_app
 from database import DatabaseManager
+from pyasync import supervisor
 from pyasync.auth import AuthInterceptor, Principals, new_token_line
 from pyasync.connection import Connection, address_of
 from pyasync.router import ROUTER, AppHook, Router
@@ -37,7 +44,14 @@ from pyasync.tls import (
 )
 from server_config import DatabaseSettings
 from upstream import Upstreams
-from utils import EXIT_CONFIG, describe_error, handle_run_main, reuse_large_buffers, setup_logging
+from utils import (
+    EXIT_CONFIG,
+    LOG_FORMAT,
+    describe_error,
+    handle_run_main,
+    reuse_large_buffers,
+    setup_logging,
+)
 
 __all__ = ["Server", "main", "serve"]
 
@@ -54,6 +68,8 @@ class Server:
         router: the actions, hooks and interceptors to serve; those of ``actions.py`` by default.
         startup_hooks / shutdown_hooks: run with the ``App`` around the listening period,
             after the router's hooks.
+        sock: a listening socket to accept on instead of binding HOST and PORT (a worker's,
+            shared with its siblings); the server then retires instead of shutting down.
     """
 
     def __init__(
@@ -65,8 +81,10 @@ class Server:
         router: Router = ROUTER,
         startup_hooks: Sequence[AppHook] = (),
         shutdown_hooks: Sequence[AppHook] = (),
+        sock: socket.socket | None = None,
     ) -> None:
         self.settings = settings if settings is not None else config.load()
+        self.sock = sock
         self.ssl_context = ssl_context
         if self.ssl_context is None:
             self.ssl_context = build_server_ssl_context(self.settings)
@@ -139,12 +157,16 @@ class Server:
             await hook(self.app)
         loop = asyncio.get_running_loop()
         settings = self.settings
-        self._listener = await loop.create_server(
-            self._accept, settings.host, settings.port, backlog=1024
+        where: dict[str, Any] = (
+            {"sock": self.sock} if self.sock else {"host": settings.host, "port": settings.port}
         )
+        self._listener = await loop.create_server(self._accept, **where, backlog=1024)
         host, port = self._address = self._listener.sockets[0].getsockname()[:2]
+        if not settings.node_id:  # the real port is known only now (PORT=0)
+            self._set_settings(node_id=f"{socket.gethostname()}:{port}")
         scheme = "TLS" if self.ssl_context else "TCP"
-        log.info("listening on %s:%d (%s, %s)", host, port, scheme, type(loop).__module__)
+        shared = ", shared socket" if self.sock else ""
+        log.info("listening on %s:%d (%s, %s%s)", host, port, scheme, type(loop).__module__, shared)
         assert self.app.principals is not None
         if self.app.principals.by_hash and not self.ssl_context and not is_loopback(host):
             log.warning("tokens travel in the clear on %s: enable TLS (ENABLE_TLS)", host)
@@ -175,9 +197,19 @@ class Server:
         reason = describe_handshake_failure(exc, self.settings.tls_handshake_timeout)
         log.info("TLS handshake from %s failed: %s", peer, reason)
 
-    async def serve(self) -> None:
-        """Start, run until SIGINT/SIGTERM, then shut down gracefully."""
+    def _set_settings(self, **changes: Any) -> None:
+        self.settings = self.app.settings = dataclasses.replace(self.settings, **changes)
+
+    async def serve(self, ready: Callable[[], object] | None = None) -> None:
+        """Start, run until SIGINT/SIGTERM, then shut down gracefully (retire, on a shared
+        socket).
+
+        Args:
+            ready: called once the server accepts connections (a worker tells its supervisor).
+        """
         await self.start()
+        if ready is not None:
+            ready()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self.handle_exit, signum)
@@ -186,7 +218,7 @@ class Server:
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signum)
-            await self.shutdown()
+            await (self.retire() if self.sock else self.shutdown())
 
     def handle_exit(self, signum: int = signal.SIGTERM) -> None:
         """First signal: shut down gracefully. Second: stop waiting for requests."""
@@ -199,8 +231,62 @@ class Server:
         log.info("%s received: shutting down", signal.Signals(signum).name)
         self.should_exit.set()
 
-    async def shutdown(self) -> None:
-        """Stop accepting, let running requests finish within SHUTDOWN_TIMEOUT, close all."""
+    async def retire(self) -> None:
+        """Leave the shared socket to the other workers, let connections end, shut down.
+
+        A worker's listening socket is shared, so once this one stops accepting the other
+        workers take the new connections. Its own connections are served as usual for up to
+        half of SHUTDOWN_TIMEOUT, and each is closed DRAIN_IDLE_TIMEOUT after its last exchange
+        in that time (a request received or answered, then nothing running, nothing
+        half-received): right after a client got its answers, the moment it is least likely to
+        be sending. A client of short connections closes them itself; one that pauses between
+        requests is closed in a pause. A connection silent all that time, and any left, then
+        get ``shutdown()`` within the rest of SHUTDOWN_TIMEOUT: it stops reading, and a request
+        the client sends after that gets no answer (it did not run).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.shutdown_timeout
+        if self._listener is not None:
+            self._listener.close()  # this process's copy: the socket stays with the others
+        count = len(self.connections)
+        closed = await self._close_after_exchanges(loop.time() + self.settings.shutdown_timeout / 2)
+        log.info(
+            "stopped accepting; %d of %d connections closed after their last exchange, %d left",
+            closed, count, len(self.connections),
+        )  # fmt: skip
+        await self.shutdown(timeout=max(0.0, deadline - loop.time()))
+
+    async def _close_after_exchanges(self, until: float) -> int:
+        """Close each connection DRAIN_IDLE_TIMEOUT after its last exchange from now on, until
+        none is left or ``until`` (loop time); return how many were closed here."""
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        idle_for = self.settings.drain_idle_timeout
+        tick = min(0.05, max(idle_for / 4, 0.005))  # seconds between looks
+        answers: dict[Connection, tuple[int, float]] = {}  # answered count, when it last grew
+        closed = 0
+        while self.connections and not self.force_exit and loop.time() < until:
+            now = loop.time()
+            seen = {}
+            for connection in list(self.connections):
+                count, grew_at = answers.get(connection, (connection.requests_answered, began))
+                if count != connection.requests_answered:
+                    count, grew_at = connection.requests_answered, now
+                seen[connection] = (count, grew_at)
+                last = max(grew_at, connection.watchdog.last_activity)
+                if began < last <= now - idle_for and _is_idle(connection):
+                    connection.drain()  # closes at once: nothing runs, nothing is buffered
+                    closed += 1
+            answers = seen
+            await asyncio.sleep(tick)
+        return closed
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Stop accepting, let running requests finish within SHUTDOWN_TIMEOUT, close all.
+
+        Args:
+            timeout: seconds running requests get, instead of SHUTDOWN_TIMEOUT.
+        """
         if self.is_shutting_down:
             return
         self.is_shutting_down = True
@@ -210,7 +296,9 @@ class Server:
             handshake.abort()
         for connection in list(self.connections):
             connection.drain()
-        await self._finish_running_requests()
+        await self._finish_running_requests(
+            self.settings.shutdown_timeout if timeout is None else timeout
+        )
         await self._close_connections()
         if self._listener is not None:
             await self._listener.wait_closed()
@@ -229,11 +317,10 @@ class Server:
             await self.app.database.close()
         log.info("stopped after serving %d requests", self.app.stats.requests_served)
 
-    async def _finish_running_requests(self) -> None:
+    async def _finish_running_requests(self, timeout: float) -> None:
         running = [task for c in self.connections for task in c.tasks.values()]
         if not running or self.force_exit:
             return
-        timeout = self.settings.shutdown_timeout
         log.info("waiting up to %g s for %d running requests", timeout, len(running))
         _, pending = await asyncio.wait(running, timeout=timeout)
         if pending:
@@ -277,6 +364,38 @@ def _refuse_open_off_loopback(host: str) -> None:
         )
 
 
+def _is_idle(connection: Connection) -> bool:
+    """Nothing runs, nothing half-received, nothing waiting unread in the kernel."""
+    return not (
+        connection.tasks
+        or connection.decoder.buffered
+        or connection.is_read_paused
+        or connection.is_closing
+        or _unread_bytes(connection)
+    )
+
+
+def _unread_bytes(connection: Connection) -> int:
+    """Bytes the kernel holds for ``connection`` that its loop has not read yet.
+
+    A loop that was not scheduled for a while may run its timers before it reads what came
+    meanwhile (libuv, under uvloop, does), so ``last_activity`` alone can look quiet while a
+    request waits in the socket.
+    """
+    transport = connection.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return 0
+    try:
+        import fcntl
+        import termios
+
+        answer = fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4))
+    except (ImportError, OSError, ValueError):
+        return 0  # no such query here, or the socket is gone: nothing to wait for
+    return int.from_bytes(answer, sys.byteorder, signed=True)
+
+
 def broker_settings(settings: Settings) -> BrokerSettings:
     """The broker's part of the settings; a message leaves room in its frame for its topic."""
     return BrokerSettings(
@@ -313,6 +432,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", help="address to listen on (HOST)")
     parser.add_argument("--port", type=int, help="port to listen on (PORT)")
     parser.add_argument(
+        "--workers", metavar="N", help="processes sharing the port, or auto: one per CPU (WORKERS)"
+    )
+    parser.add_argument(
         "--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level (LOG_LEVEL), in any case",
     )  # fmt: skip
@@ -332,6 +454,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="with --make-cert: the principal the client certificate names: a name, "
         "user@domain or a URI (default: client)",
     )  # fmt: skip
+    # Set by the supervisor for its workers: the shared listening socket, the control pair
+    # ("ready", and its end when the supervisor dies) and the worker's number.
+    parser.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -355,7 +482,7 @@ def _print_make_cert(directory: Path, client_name: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command-line entry point: ``python server.py [--host H] [--port P]``."""
+    """Command-line entry point: ``python server.py [--host H] [--port P] [--workers N]``."""
     args = _parse_args(argv)
     try:
         if args.new_token is not None:
@@ -366,17 +493,85 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.make_cert is not None:
             _print_make_cert(args.make_cert, args.client_name)
             return
-        overrides = {"host": args.host, "port": args.port, "log_level": args.log_level}
+        overrides = {
+            "host": args.host, "port": args.port, "log_level": args.log_level,
+            "workers": args.workers,
+        }  # fmt: skip
         settings = config.load(env_file=args.env_file, overrides=overrides)
         db_settings = server_config.load(env_file=args.env_file)
         setup_logging(settings.log_level)
-        server = Server(settings, db_settings=db_settings)
+        count = 1 if args.listen_fd is not None else supervisor.worker_count(settings.workers)
+        if count > 1:
+            supervisor.check_broker(settings, count)
+            build_server_ssl_context(settings)  # bad TLS files stop here, not in every worker
+        elif args.listen_fd is not None:
+            server = _worker_server(args, settings, db_settings)
+        else:
+            server = Server(settings, db_settings=db_settings)
     except ConfigError as exc:
         print(f"error: {describe_error(exc)[0]}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
+    if count > 1:
+        _supervise(sys.argv[1:] if argv is None else argv, settings, count)
     if settings.reuse_large_buffers:
         reuse_large_buffers(settings.max_frame_size)
+    if args.control_fd is not None:
+        control = socket.socket(fileno=args.control_fd)
+        handle_run_main(
+            functools.partial(_serve_worker, server, control), use_uvloop=settings.use_uvloop
+        )
     handle_run_main(server.serve, use_uvloop=settings.use_uvloop)
+
+
+def _supervise(argv: Sequence[str], settings: Settings, count: int) -> NoReturn:
+    """Bind the one listening socket and run ``count`` workers on it (``pyasync.supervisor``)."""
+    try:
+        listener = supervisor.bind(settings.host, settings.port)
+    except OSError as exc:
+        message, code = describe_error(exc)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(code)
+    # Until the supervisor's loop handles it, a reload is moot: the workers are not started yet.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    command = [sys.executable, str(Path(__file__).resolve()), *argv]
+    boss = supervisor.Supervisor(settings, listener, command, count)
+    handle_run_main(boss.run, use_uvloop=False)  # the supervisor only waits on its children
+
+
+def _worker_server(
+    args: argparse.Namespace, settings: Settings, db_settings: DatabaseSettings
+) -> Server:
+    """The server of worker ``args.worker``, on the listening socket it inherited."""
+    listener = socket.socket(fileno=args.listen_fd)
+    port = listener.getsockname()[1]
+    node_id = f"{settings.node_id or f'{socket.gethostname()}:{port}'}/w{args.worker}"
+    label = f"w{args.worker}"
+    formatter = logging.Formatter(LOG_FORMAT.replace("%(name)s", f"{label} %(name)s"))
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter)  # every line says which worker wrote it
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the supervisor's to do
+    return Server(
+        dataclasses.replace(settings, node_id=node_id), db_settings=db_settings, sock=listener
+    )
+
+
+async def _serve_worker(server: Server, control: socket.socket) -> None:
+    """Serve; say "ready" to the supervisor once accepting; retire if the supervisor dies."""
+    reader, writer = await asyncio.open_connection(sock=control)
+
+    async def retire_when_orphaned() -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # the supervisor never writes: this returns when it is gone
+        if not server.should_exit.is_set():
+            log.warning("the supervisor is gone: shutting down")
+            server.should_exit.set()
+
+    orphaned = asyncio.get_running_loop().create_task(retire_when_orphaned())
+    try:
+        await server.serve(ready=lambda: writer.write(b"ready\n"))
+    finally:
+        orphaned.cancel()
+        writer.close()
 
 
 if __name__ == "__main__":
