@@ -211,7 +211,11 @@ def node_env(nats_url: str, pg_port: int, gateway: str, table: str, **extra: str
     pg = urlsplit(URLS["postgres"])
     credentials = pg.netloc.rpartition("@")[0]
     db_url = pg._replace(netloc=f"{credentials}@{gateway}:{pg_port}").geturl()
-    return clean_env(BROKER_URL=nats_url, DB_URL=db_url, KV_TABLE=table, LOG_LEVEL="INFO", **extra)
+    return clean_env(
+        BROKER_URL=nats_url, DB_URL=db_url, KV_TABLE=table, LOG_LEVEL="INFO",
+        ALLOW_OPEN="true",  # the test's own private hosts: no authentication needed
+        **extra,
+    )  # fmt: skip
 
 
 @pytest.mark.timeout(120)
