@@ -139,7 +139,7 @@ class Connection(asyncio.Protocol):
         self.watchdog.start()
 
     def data_received(self, data: bytes) -> None:
-        self.watchdog.received()
+        self.watchdog.last_activity = self.loop.time()  # Watchdog.received(), on the hot path
         self.decoder.feed(data)
         self._take_frames()
 
@@ -244,6 +244,7 @@ class Connection(asyncio.Protocol):
         if not self.is_ready or self.is_closing:
             return
         decoder, tasks, router, ctx = self.decoder, self.tasks, self.router, self.ctx
+        routes = router.routes
         refuse = self.is_draining and self.server.is_shutting_down
         rate = self.settings.rate_limit
         if rate:
@@ -254,7 +255,9 @@ class Connection(asyncio.Protocol):
         took_any = False
         room = self.settings.max_in_flight - len(tasks)
         try:
-            while room > 0 and self.refused < self.settings.rate_burst:
+            while room > 0:
+                if rate and self.refused >= self.settings.rate_burst:
+                    break  # refused enough for now: the rest waits until tokens come back
                 frame = decoder.next_frame()
                 if frame is None:
                     break
@@ -271,10 +274,12 @@ class Connection(asyncio.Protocol):
                     self.refused += 1
                 else:
                     self.tokens -= 1
-                    try:
-                        route = router.route(frame.kind)
-                    except RPCError as exc:
-                        kind, body = error_answer(exc)
+                    route = routes.get(frame.kind)
+                    if route is None:  # unknown, an answer type, or no action: say which
+                        try:
+                            router.route(frame.kind)
+                        except RPCError as exc:
+                            kind, body = error_answer(exc)
                     else:
                         if not route.inline or len(frame.body) > INLINE_MAX_BODY:
                             self._start(route, frame)
@@ -290,7 +295,9 @@ class Connection(asyncio.Protocol):
         if answers:
             self._answered(answered)
             self._write(answers, large)
-        self.watchdog.frames_taken(took_any=took_any, buffered=decoder.buffered)
+        buffered = decoder.buffered
+        if buffered or self.watchdog.partial_frame_since is not None:
+            self.watchdog.frames_taken(took_any=took_any, buffered=buffered)
         if self.is_read_paused or room <= 0:
             self._set_reading()
 

@@ -24,6 +24,8 @@ from package import (
     Unimplemented,
     UnknownPackageType,
     answer_kind_for,
+    body_type,
+    encode_body,
     is_request,
     pack,
     unpack,
@@ -80,6 +82,7 @@ class Route:
     function: Action
     inline: bool  # a plain function: answered as its frame is decoded, without a task
     scopes: frozenset[str] = frozenset()  # what a principal needs to call it (with auth on)
+    answer_type: type[Body] = Body  # the body class of ``answer``
 
 
 @dataclass(slots=True)
@@ -169,7 +172,10 @@ class Router:
         try:
             request = unpack(route.kind, frame.body)
             if not self.interceptors:
-                return _call_inline(route, request, ctx)
+                answer = route.function(request, ctx)
+                if type(answer) is route.answer_type:  # the common case, checked first
+                    return route.answer, encode_body(answer)
+                return _answer_of(route, answer)
         except Exception as exc:
             return self.failure(exc, route.kind, request_id, ctx)
         started, passed = time.perf_counter(), list[Interceptor]()
@@ -252,7 +258,8 @@ def make_route(kind: PACKAGE, function: Action, scopes: Iterable[str] = ()) -> R
     is_async = inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
         getattr(function, "__call__", None)  # noqa: B004  # an async __call__ counts
     )
-    return Route(kind, answer_kind_for(kind), function, not is_async, frozenset(scopes))
+    answer = answer_kind_for(kind)
+    return Route(kind, answer, function, not is_async, frozenset(scopes), body_type(answer))
 
 
 def error_answer(error: RPCError) -> Answer:
@@ -273,11 +280,15 @@ def _after(
 
 
 def _call_inline(route: Route, request: Body, ctx: Context) -> Answer:
-    answer = route.function(request, ctx)
+    return _answer_of(route, route.function(request, ctx))
+
+
+def _answer_of(route: Route, answer: object) -> Answer:
+    """The answer of an inline action: its body packed (``TypeError`` for a wrong class)."""
     if inspect.isawaitable(answer):
         _close(answer)
         raise TypeError(f"{route.kind.name}'s plain-function action returned an awaitable")
-    return route.answer, pack(route.answer, answer)
+    return route.answer, pack(route.answer, answer)  # type: ignore[arg-type]
 
 
 def _close(awaitable: object) -> None:
