@@ -254,6 +254,10 @@ class Connection(asyncio.Protocol):
         large = False
         took_any = False
         room = self.settings.max_in_flight - len(tasks)
+        compression = self.server.compression
+        # Answers below this many bytes are encoded here; larger ones (or too large) apart.
+        small = min(LARGE_WRITE, self.settings.max_frame_size + 1)
+        inline_limit = INLINE_MAX_BODY
         try:
             while room > 0:
                 if rate and self.refused >= self.settings.rate_burst:
@@ -263,7 +267,7 @@ class Connection(asyncio.Protocol):
                     break
                 took_any = True
                 request_id = frame.request_id
-                if request_id in tasks or request_id == CONNECTION_REQUEST_ID:
+                if request_id in tasks or not request_id:  # 0: CONNECTION_REQUEST_ID
                     raise ProtocolError(_bad_request_id(request_id))
                 if refuse:
                     kind, body = error_answer(
@@ -273,7 +277,8 @@ class Connection(asyncio.Protocol):
                     kind, body = self._throttle(rate)
                     self.refused += 1
                 else:
-                    self.tokens -= 1
+                    if rate:
+                        self.tokens -= 1
                     route = routes.get(frame.kind)
                     if route is None:  # unknown, an answer type, or no action: say which
                         try:
@@ -281,13 +286,16 @@ class Connection(asyncio.Protocol):
                         except RPCError as exc:
                             kind, body = error_answer(exc)
                     else:
-                        if not route.inline or len(frame.body) > INLINE_MAX_BODY:
+                        if not route.inline or len(frame.body) > inline_limit:
                             self._start(route, frame)
                             room -= 1
                             continue
                         kind, body = router.answer_inline(route, frame, ctx)
                 answered += 1
-                large |= self._add_answer(answers, kind, request_id, body)
+                if len(body) < small:  # the common case, without a call
+                    answers.append(encode_frame(kind, request_id, body, compression=compression))
+                else:
+                    large |= self._add_answer(answers, kind, request_id, body)
         except ProtocolError as exc:
             self._write(answers, large)
             self._fail_stream(exc)

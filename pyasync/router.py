@@ -168,7 +168,6 @@ class Router:
 
     def answer_inline(self, route: Route, frame: Frame, ctx: Context) -> Answer:
         """Run a plain-function action now and return its answer; never raises ``Exception``."""
-        request_id = frame.request_id
         try:
             request = unpack(route.kind, frame.body)
             if not self.interceptors:
@@ -177,13 +176,13 @@ class Router:
                     return route.answer, encode_body(answer)
                 return _answer_of(route, answer)
         except Exception as exc:
-            return self.failure(exc, route.kind, request_id, ctx)
+            return self.failure(exc, route.kind, frame.request_id, ctx)
         started, passed = time.perf_counter(), list[Interceptor]()
         try:
             self._before(passed, route.kind, request, ctx)
             result = _call_inline(route, request, ctx)
         except Exception as exc:
-            result = self.failure(exc, route.kind, request_id, ctx)
+            result = self.failure(exc, route.kind, frame.request_id, ctx)
         _after(passed, route.kind, result[0], ctx, started)
         return result
 
