@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,7 @@ class Server:
     proto: str  # the load generator's wire format: pyasync, floor, line, grpc, socketio
     env: dict[str, str] = field(default_factory=dict)
     tls: bool = False
+    cpus: str = SERVER_CPU  # taskset's list: "0", or "0,1" for a server of several processes
 
 
 @dataclass
@@ -112,6 +113,15 @@ SERVERS = {
     "pyasync-uvloop": pyasync("pyasync-server, uvloop"),
     "pyasync-asyncio": pyasync("pyasync-server, asyncio loop", uvloop=False),
     "pyasync-tls": pyasync("pyasync-server, uvloop, TLS", tls=True),
+    # Two worker processes need both CPUs, which they share with the load generator (CPU 1):
+    # compare with one worker on the same two CPUs. The CPU column counts the supervisor only.
+    "pyasync-1worker-2cpus": replace(pyasync("pyasync-server, 1 worker, CPUs 0-1"), cpus="0,1"),
+    "pyasync-2workers-2cpus": replace(
+        pyasync(
+            "pyasync-server, 2 workers, CPUs 0-1", WORKERS="2", BROKER_URL="redis://127.0.0.1:6379"
+        ),
+        cpus="0,1",
+    ),  # fmt: skip
     "floor-uvloop": floor("floor: asyncio.Protocol, uvloop", "protocol", "uvloop"),
     "floor-asyncio": floor("floor: asyncio.Protocol, asyncio loop", "protocol", "asyncio"),
     "floor-tasks": floor("floor: Protocol + task per request, uvloop", "tasks", "uvloop"),
@@ -199,7 +209,7 @@ def running(server: Server, files: dict[str, str]) -> Iterator[tuple[int, int]]:
     """Start ``server`` on CPU 0; yield (pid, port); stop it with SIGTERM."""
     port = free_port()
     values = {**files, "port": str(port)}
-    command = ["taskset", "-c", SERVER_CPU] + [part.format(**values) for part in server.command]
+    command = ["taskset", "-c", server.cpus] + [part.format(**values) for part in server.command]
     env = {**os.environ, **SAME_ALLOCATOR,
            **{key: value.format(**values) for key, value in server.env.items()}}  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
