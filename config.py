@@ -169,7 +169,7 @@ class Settings:
         20_000.0, "Requests per second one connection may send; 0 = no limit.", low=0
     )
     rate_burst: int = setting(
-        1_000, "Requests a connection may send at once above RATE_LIMIT's pace.", low=1
+        100, "Requests a connection may send at once above RATE_LIMIT's pace.", low=1
     )
     upstreams: str = setting(
         "", "Other pyasync servers actions call: name=host:port,host:port;name2=host:port."

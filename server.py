@@ -21,6 +21,7 @@ import signal
 import socket
 import ssl
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -100,6 +101,7 @@ class Server:
         )
         self.compression = self.settings.compression
         self.connections_per_ip: collections.Counter[str] = collections.Counter()
+        self._refusals_logged: dict[str, tuple[float, int]] = {}  # address -> (logged at, since)
         self.is_shutting_down = False
         self.should_exit = asyncio.Event()
         self.force_exit = False
@@ -137,6 +139,21 @@ class Server:
         if per_ip and self.connections_per_ip[address] >= per_ip:
             return f"MAX_CONNECTIONS_PER_IP={per_ip} reached for {address}"
         return ""
+
+    def log_refusal(self, connection_id: int, peer: str, address: str, reason: str) -> None:
+        """Log a refused connection: one line per client address and second at most, so that a
+        flood of connections cannot make the server spend its time writing its log."""
+        now = time.monotonic()
+        since, skipped = self._refusals_logged.get(address, (0.0, 0))
+        if now - since < 1.0:
+            self._refusals_logged[address] = (since, skipped + 1)
+            return
+        if len(self._refusals_logged) > 10_000:  # an attack from many addresses: start over
+            self._refusals_logged.clear()
+        self._refusals_logged[address] = (now, 0)
+        more = f" (and {skipped} more from {address} in the last second)" if skipped else ""
+        level = logging.WARNING if "MAX_CONNECTIONS=" in reason else logging.INFO
+        log.log(level, "c%d refused from %s: %s%s", connection_id, peer, reason, more)
 
     async def start(self) -> None:
         """Check the action table, open the database, run start-up hooks, then listen.

@@ -117,8 +117,7 @@ class Connection(asyncio.Protocol):
         address = peer[0] if isinstance(peer, tuple) else str(peer)
         refusal = self.server.refusal(address)
         if refusal:
-            level = logging.WARNING if "MAX_CONNECTIONS=" in refusal else logging.INFO
-            log.log(level, "c%d refused from %s: %s", self.id, address_of(peer), refusal)
+            self.server.log_refusal(self.id, address_of(peer), address, refusal)
             self._send_error(
                 CONNECTION_REQUEST_ID, ResourceExhausted(f"connection refused: {refusal}")
             )
