@@ -18,9 +18,9 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import msgspec
@@ -28,6 +28,7 @@ import msgspec
 from context import current_app
 from package import PACKAGE, InvalidArgument, Unavailable
 from protocol import CONNECTION_REQUEST_ID, HEADER, MAGIC, PROTOCOL_VERSION
+from pyasync.tasks import OwnedTasks
 
 __all__ = [
     "Broker",
@@ -251,7 +252,7 @@ class Broker:
         self.settings = settings
         self.backend = open_backend(settings, self._resync_all)
         self.listeners: dict[str, Listener] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks = OwnedTasks(log, "broker")
         self._ids = 0
 
     async def start(self) -> None:
@@ -262,10 +263,7 @@ class Broker:
             for subscription in list(listener.subscriptions):
                 self._stop(subscription)
         self.listeners.clear()
-        for task in self.tasks:
-            task.cancel()
-        if self.tasks:
-            await asyncio.wait(self.tasks, timeout=5)
+        await self.tasks.close()
         await self.backend.close()
 
     # ---- publishing ----------------------------------------------------------------------
@@ -380,7 +378,7 @@ class Broker:
     def _let_go_if_unused(self, listener: Listener) -> None:
         if listener.is_unused and self.listeners.get(listener.pattern) is listener:
             del self.listeners[listener.pattern]
-            self._spawn(self._unlisten(listener.pattern))
+            self.tasks.spawn(self._unlisten(listener.pattern))
 
     async def _unlisten(self, pattern: str) -> None:
         if pattern not in self.listeners:  # nobody subscribed again meanwhile
@@ -453,19 +451,7 @@ class Broker:
     def _catch_up(self, subscription: Subscription) -> None:
         subscription.catching_up = True
         if subscription.catch_up_task is None or subscription.catch_up_task.done():
-            subscription.catch_up_task = self._spawn(self._replay(subscription))
-
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """A task of the broker's own, cancelled and awaited by ``close()``."""
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("broker task failed", exc_info=task.exception())
+            subscription.catch_up_task = self.tasks.spawn(self._replay(subscription))
 
     async def _replay(self, subscription: Subscription) -> None:
         """Push kept messages from the subscription's positions until it meets the live ones.

@@ -43,9 +43,8 @@ import json
 import logging
 import random
 import re
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit
 
 from nats.aio.client import Client
@@ -58,6 +57,7 @@ from nats.js.errors import APIError, NotFoundError
 
 from broker import BrokerSettings, Stored, topic_matches
 from package import Aborted, InvalidArgument, Unavailable
+from pyasync.tasks import OwnedTasks
 
 __all__ = ["NatsBackend"]
 
@@ -131,7 +131,7 @@ class NatsBackend:
         self.live: dict[str, _Live] = {}
         self.lasts: collections.OrderedDict[str, _Known] = collections.OrderedDict()
         self.locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks = OwnedTasks(log, "NATS broker")
         self.attempted: asyncio.Event | None = None
         self.resuming: asyncio.Task[None] | None = None
         self.is_closing = False
@@ -141,7 +141,7 @@ class NatsBackend:
     async def start(self) -> None:
         """Connect; if NATS cannot be reached, log it once and keep trying in the background."""
         self.attempted = asyncio.Event()
-        self._spawn(self._connect())
+        self.tasks.spawn(self._connect())
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CONNECT_TIMEOUT + REQUEST_TIMEOUT):
                 await self.attempted.wait()
@@ -156,10 +156,7 @@ class NatsBackend:
         self.is_closing = True
         for pattern in list(self.live):
             await self.unlisten(pattern)
-        for task in list(self.tasks):
-            task.cancel()
-        if self.tasks:
-            await asyncio.wait(self.tasks, timeout=5)
+        await self.tasks.close()
         with contextlib.suppress(NatsError, OSError):
             await self.nc.close()
 
@@ -240,7 +237,7 @@ class NatsBackend:
     async def _on_reconnected(self) -> None:
         if self.resuming is not None:
             self.resuming.cancel()  # it was cut short by another disconnection
-        self.resuming = self._spawn(self._resume())
+        self.resuming = self.tasks.spawn(self._resume())
 
     async def _resume(self) -> None:
         """Back after a disconnection: streams (a restarted server), consumers, then replay."""
@@ -269,17 +266,6 @@ class NatsBackend:
             ) from exc
         except (NatsError, OSError) as exc:  # OSError: asyncio's TimeoutError too
             raise Unavailable(f"NATS broker at {self.address}: {_describe(exc)}") from exc
-
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("NATS broker task failed", exc_info=task.exception())
 
     # ---- publishing --------------------------------------------------------------------------
 
@@ -544,7 +530,7 @@ class NatsBackend:
         sequences = message.metadata.sequence
         if sequences.consumer != live.expected:  # dropped as a slow consumer: open it again
             live.generation += 1
-            self._spawn(self._reopen(live))
+            self.tasks.spawn(self._reopen(live))
             return
         live.expected += 1
         live.next_sequence = sequences.stream + 1
