@@ -45,6 +45,7 @@ __all__ = [
 log = logging.getLogger("pyasync.broker")
 
 REPLAY_CHUNK = 256  # messages read from history per backend call while catching up
+MAX_POSITIONS = 1000  # topics one SUBSCRIBE may name in positions: each costs a history read
 # Seconds a replay waits for history to hold a message already seen live before it announces
 # it as a gap (a backend whose history and live feed disagree must not stall a subscriber).
 HISTORY_LAG = 2.0
@@ -313,6 +314,10 @@ class Broker:
         """
         limit = self.settings.max_topic_length
         check_topic(pattern, max_length=limit, pattern=True)
+        if len(positions) > MAX_POSITIONS:
+            raise InvalidArgument(
+                f"positions names {len(positions)} topics, at most {MAX_POSITIONS}"
+            )
         for topic in positions:
             check_topic(topic, max_length=limit)
             if not topic_matches(pattern, topic):

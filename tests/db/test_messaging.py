@@ -223,6 +223,15 @@ async def test_limits(broker_url: str, topic: str) -> None:
             await client.publish("x" * 300, b"")
 
 
+async def test_a_subscribe_names_at_most_a_thousand_positions(topic: str) -> None:
+    async with running_server() as server, connected(server) as [client]:
+        too_many = {f"{topic}.p{i}": 1 for i in range(1001)}
+        with pytest.raises(InvalidArgument, match="at most 1000"):
+            async with client.subscribe(f"{topic}.>", positions=too_many):
+                pass
+        assert await client.ping() > 0  # the connection lives on
+
+
 async def test_unsubscribe_stops_pushes_and_the_broker_lets_go(broker_url: str, topic: str) -> None:
     async with running_server(broker_url=broker_url) as server, connected(server) as [client]:
         listeners = server.app.broker.listeners if server.app.broker else {}
