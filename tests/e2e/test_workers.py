@@ -374,7 +374,10 @@ async def test_sighup_replaces_workers_with_no_refused_connection_or_failed_requ
     )  # fmt: skip
     assert short.errors == [] and long.errors == []
     assert short.connections > 100 and long.requests >= 3 * BURST
-    assert long.closed_by_server >= 3  # each reload retired the worker that held it
+    # Reload 1 retires the worker the long-lived connection first landed on. Later reloads may
+    # not: the test opens it again only between bursts, sometimes on a worker that the reload
+    # under way has already started, which that reload then keeps.
+    assert long.closed_by_server >= 1
     assert version == long.requests
     assert len(worker_pids(server)) == 2 + 3 * 2  # w1, w2, then two new ones per reload
     assert "Traceback" not in server.log and "refused" not in server.log
