@@ -176,8 +176,9 @@ class PushTarget(Protocol):
     def push(self, frame: bytes) -> bool:
         """Queue one frame; False, queuing nothing, when its push budget is spent."""
 
-    def push_parts(self, header: bytes, prefix: bytes, rest: bytes) -> bool:
-        """``push(header + prefix + rest)`` without joining them here (one join per write)."""
+    def push_now(self, frames: bytes) -> bool:
+        """Write ``frames`` (this pass's for one subscription, joined) at once; False, writing
+        nothing, when its push budget is spent. Queued behind ``push`` frames, if any."""
 
     async def writable(self) -> None:
         """Return once the connection can take pushes again (its budget is half free)."""
@@ -236,6 +237,7 @@ class Listener:
     subscriptions: set[Subscription] = field(default_factory=set)
     ready: asyncio.Future[bool] | None = None  # True once the backend listens, False if it failed
     joining: int = 0  # subscriptions being set up: the listener stays while they are
+    arrived: list[Stored] = field(default_factory=list)  # live, not yet fanned out
 
     @property
     def is_unused(self) -> bool:
@@ -418,40 +420,91 @@ class Broker:
     # ---- delivering ------------------------------------------------------------------------
 
     def _deliver(self, listener: Listener, message: Stored) -> None:
-        """Fan one live message out to the listener's subscriptions."""
-        topic, offset = message.topic, message.offset
-        rest = b""
-        headers: dict[int, bytes] = {}  # by prefix length: most subscribers share one
+        """Take a live message; the listener fans out what arrived once per loop pass."""
+        if not listener.arrived:
+            asyncio.get_running_loop().call_soon(self._fan_out, listener)
+        listener.arrived.append(message)
+
+    def _fan_out(self, listener: Listener) -> None:
+        """Push this pass's live messages to the listener's subscriptions.
+
+        A subscription that is live and stands right before them in every topic (the usual
+        case) gets them all in one write, made of frames encoded once for everyone; any other
+        goes through them one by one (``_deliver_one``).
+        """
+        messages, listener.arrived = listener.arrived, []
+        if not listener.subscriptions:
+            return
+        rests = [_encode_rest(message) for message in messages]
+        spans: dict[str, tuple[int, int]] = {}  # topic -> (first, last) offset in this pass
+        contiguous = True
+        for message in messages:
+            span = spans.get(message.topic)
+            if span is None:
+                spans[message.topic] = (message.offset, message.offset)
+            else:
+                contiguous = contiguous and message.offset == span[1] + 1
+                spans[message.topic] = (span[0], message.offset)
+        glues: dict[int, list[bytes]] = {}  # by prefix length: most subscriptions share one
         for subscription in listener.subscriptions:
-            if subscription.catching_up:
-                heads = subscription.live_heads
-                if offset > heads.get(topic, 0):
-                    heads[topic] = offset
-                continue
+            if contiguous and not subscription.catching_up:
+                starts = self._starts(subscription, spans)
+                if starts is not None:
+                    prefix = subscription.prefix
+                    glue = glues.get(len(prefix))
+                    if glue is None:
+                        glue = glues[len(prefix)] = _glue(rests, len(prefix))
+                    if subscription.target.push_now(prefix.join(glue)):
+                        for topic, (_, last) in spans.items():
+                            subscription.positions[topic] = last
+                    else:  # over its budget: replay from history once it drained
+                        for topic, (_, last) in spans.items():
+                            subscription.positions[topic] = starts[topic]
+                            subscription.live_heads[topic] = last
+                        self._catch_up(subscription)
+                    continue
+            for message, rest in zip(messages, rests, strict=True):
+                self._deliver_one(subscription, message, rest)
+
+    @staticmethod
+    def _starts(
+        subscription: Subscription, spans: dict[str, tuple[int, int]]
+    ) -> dict[str, int] | None:
+        """Per topic, the subscription's position if it is right before ``spans``; else None."""
+        starts = {}
+        for topic, (first, _) in spans.items():
             last = subscription.positions.get(topic)
             if last is None:  # a topic first seen now: from here if new messages only
-                last = offset - 1 if subscription.live_only else subscription.default_after
-            if offset <= last:
-                continue  # delivered already (replayed at the seam)
-            if offset > last + 1:  # missed live messages: fetch them from history
-                subscription.positions[topic] = last
-                subscription.live_heads[topic] = offset
-                self._catch_up(subscription)
-                continue
-            if not rest:
-                rest = _encode_rest(message)
-            prefix = subscription.prefix
-            header = headers.get(len(prefix))
-            if header is None:
-                header = headers[len(prefix)] = _event_header(
-                    PACKAGE.EVENT_MESSAGE, len(prefix) + len(rest)
-                )
-            if subscription.target.push_parts(header, prefix, rest):
-                subscription.positions[topic] = offset
-            else:  # over its budget: stop pushing, replay from history once it drained
-                subscription.positions[topic] = last
-                subscription.live_heads[topic] = offset
-                self._catch_up(subscription)
+                last = first - 1 if subscription.live_only else subscription.default_after
+            if last != first - 1:
+                return None
+            starts[topic] = last
+        return starts
+
+    def _deliver_one(self, subscription: Subscription, message: Stored, rest: bytes) -> None:
+        """Push one live message to one subscription, minding its position in the topic."""
+        topic, offset = message.topic, message.offset
+        if subscription.catching_up:
+            heads = subscription.live_heads
+            if offset > heads.get(topic, 0):
+                heads[topic] = offset
+            return
+        last = subscription.positions.get(topic)
+        if last is None:  # a topic first seen now: from here if new messages only
+            last = offset - 1 if subscription.live_only else subscription.default_after
+        if offset <= last:
+            return  # delivered already (replayed at the seam)
+        if offset > last + 1:  # missed live messages: fetch them from history
+            subscription.positions[topic] = last
+            subscription.live_heads[topic] = offset
+            self._catch_up(subscription)
+            return
+        if subscription.target.push(_message_frame(subscription, rest)):
+            subscription.positions[topic] = offset
+        else:  # over its budget: stop pushing, replay from history once it drained
+            subscription.positions[topic] = last
+            subscription.live_heads[topic] = offset
+            self._catch_up(subscription)
 
     def _catch_up(self, subscription: Subscription) -> None:
         subscription.catching_up = True
@@ -553,6 +606,14 @@ def _encode_rest(message: Stored) -> bytes:
             _encode("data"), _encode(message.data),
         )
     )  # fmt: skip
+
+
+def _glue(rests: list[bytes], prefix_length: int) -> list[bytes]:
+    """What ``prefix.join`` turns into the frames of ``rests`` for a prefix of that length:
+    ``[header 1, rest 1 + header 2, ..., rest n]``."""
+    headers = [_event_header(PACKAGE.EVENT_MESSAGE, prefix_length + len(rest)) for rest in rests]
+    joined = [rest + header for rest, header in zip(rests[:-1], headers[1:], strict=True)]
+    return [headers[0], *joined, rests[-1]]
 
 
 def _message_frame(subscription: Subscription, rest: bytes) -> bytes:

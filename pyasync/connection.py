@@ -193,21 +193,27 @@ class Connection(asyncio.Protocol):
         A slow reader's pushes stop here, bounded; the broker replays them from history once
         ``writable()`` returns.
         """
-        return self.push_parts(frame, b"", b"")
-
-    def push_parts(self, header: bytes, prefix: bytes, rest: bytes) -> bool:
-        """``push(header + prefix + rest)``, joined only with the rest of this pass's write."""
         if self.is_closing or self.transport is None:
             return True  # going away: nothing to keep
-        size = len(header) + len(prefix) + len(rest)
         pushes = self.pushes
         if not pushes:  # the first of this pass: what the socket holds is read once per pass
             self.push_room = self.settings.push_buffer_size - self.transport.get_write_buffer_size()
             self.loop.call_soon(self._flush_pushes)
-        if self.push_bytes + size > self.push_room:
+        if self.push_bytes + len(frame) > self.push_room:
             return False
-        pushes += header, prefix, rest
-        self.push_bytes += size
+        pushes.append(frame)
+        self.push_bytes += len(frame)
+        return True
+
+    def push_now(self, frames: bytes) -> bool:
+        """Write event frames at once (the broker joined this pass's for this connection), or
+        behind the queued ones; False, writing nothing, when over PUSH_BUFFER_SIZE."""
+        transport = self.transport
+        if self.pushes or transport is None or self.is_closing:
+            return self.push(frames)
+        if transport.get_write_buffer_size() + len(frames) > self.settings.push_buffer_size:
+            return False
+        transport.write(frames)
         return True
 
     async def writable(self) -> None:

@@ -395,8 +395,8 @@ class Pushes:
             self.events.append({"kind": decoded.kind, **body})
         return True
 
-    def push_parts(self, header: bytes, prefix: bytes, rest: bytes) -> bool:
-        return self.push(header + prefix + rest)
+    def push_now(self, frames: bytes) -> bool:
+        return self.push(frames)
 
     async def writable(self) -> None:
         return None
