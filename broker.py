@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -49,6 +50,9 @@ MAX_POSITIONS = 1000  # topics one SUBSCRIBE may name in positions: each costs a
 # Seconds a replay waits for history to hold a message already seen live before it announces
 # it as a gap (a backend whose history and live feed disagree must not stall a subscriber).
 HISTORY_LAG = 2.0
+# Seconds of fan-out (mostly socket writes) after which the loop gets a pass: publishes that
+# fill the next round go on meanwhile (a NATS publish takes several passes), and so does the rest.
+FAN_OUT_PASS = 0.0001
 TOKEN = re.compile(r"[^\s.*>]+")  # a topic token: no space, dot or wildcard
 
 
@@ -238,6 +242,7 @@ class Listener:
     ready: asyncio.Future[bool] | None = None  # True once the backend listens, False if it failed
     joining: int = 0  # subscriptions being set up: the listener stays while they are
     arrived: list[Stored] = field(default_factory=list)  # live, not yet fanned out
+    fan_out: asyncio.Task[None] | None = None  # pushing arrived messages, while there are any
 
     @property
     def is_unused(self) -> bool:
@@ -420,66 +425,50 @@ class Broker:
     # ---- delivering ------------------------------------------------------------------------
 
     def _deliver(self, listener: Listener, message: Stored) -> None:
-        """Take a live message; the listener fans out what arrived once per loop pass."""
-        if not listener.arrived:
-            asyncio.get_running_loop().call_soon(self._fan_out, listener)
+        """Take a live message; the listener's fan-out pushes it with whatever else arrived."""
         listener.arrived.append(message)
+        if listener.fan_out is None:
+            listener.fan_out = self.tasks.spawn(self._fan_out(listener))
 
-    def _fan_out(self, listener: Listener) -> None:
-        """Push this pass's live messages to the listener's subscriptions.
+    async def _fan_out(self, listener: Listener) -> None:
+        """Push arrived live messages to the listener's subscriptions, round after round.
 
-        A subscription that is live and stands right before them in every topic (the usual
-        case) gets them all in one write, made of frames encoded once for everyone; any other
-        goes through them one by one (``_deliver_one``).
+        A round takes every message that arrived since the last one. A subscription that is
+        live and stands right before them in every topic (the usual case) gets them all in one
+        write, made of frames encoded once for everyone; any other goes through them one by one
+        (``_deliver_one``). The loop gets a pass every FAN_OUT_PASS seconds, so that a round
+        over thousands of subscriptions does not hold up the publishes that fill the next one.
         """
-        messages, listener.arrived = listener.arrived, []
-        if not listener.subscriptions:
-            return
-        rests = [_encode_rest(message) for message in messages]
-        spans: dict[str, tuple[int, int]] = {}  # topic -> (first, last) offset in this pass
-        contiguous = True
-        for message in messages:
-            span = spans.get(message.topic)
-            if span is None:
-                spans[message.topic] = (message.offset, message.offset)
-            else:
-                contiguous = contiguous and message.offset == span[1] + 1
-                spans[message.topic] = (span[0], message.offset)
-        glues: dict[int, list[bytes]] = {}  # by prefix length: most subscriptions share one
-        for subscription in listener.subscriptions:
-            if contiguous and not subscription.catching_up:
-                starts = self._starts(subscription, spans)
-                if starts is not None:
-                    prefix = subscription.prefix
-                    glue = glues.get(len(prefix))
-                    if glue is None:
-                        glue = glues[len(prefix)] = _glue(rests, len(prefix))
-                    if subscription.target.push_now(prefix.join(glue)):
-                        for topic, (_, last) in spans.items():
-                            subscription.positions[topic] = last
-                    else:  # over its budget: replay from history once it drained
-                        for topic, (_, last) in spans.items():
-                            subscription.positions[topic] = starts[topic]
-                            subscription.live_heads[topic] = last
-                        self._catch_up(subscription)
-                    continue
-            for message, rest in zip(messages, rests, strict=True):
-                self._deliver_one(subscription, message, rest)
+        clock = time.perf_counter  # not loop.time(): uvloop's stands still within a pass
+        try:
+            while listener.arrived:
+                messages, listener.arrived = listener.arrived, []
+                round_ = _Round(messages)
+                until = clock() + FAN_OUT_PASS
+                for subscription in list(listener.subscriptions):
+                    if clock() > until:
+                        await asyncio.sleep(0)
+                        until = clock() + FAN_OUT_PASS
+                    if subscription in listener.subscriptions:  # not ended meanwhile
+                        self._push_round(subscription, round_)
+        finally:
+            listener.fan_out = None
 
-    @staticmethod
-    def _starts(
-        subscription: Subscription, spans: dict[str, tuple[int, int]]
-    ) -> dict[str, int] | None:
-        """Per topic, the subscription's position if it is right before ``spans``; else None."""
-        starts = {}
-        for topic, (first, _) in spans.items():
-            last = subscription.positions.get(topic)
-            if last is None:  # a topic first seen now: from here if new messages only
-                last = first - 1 if subscription.live_only else subscription.default_after
-            if last != first - 1:
-                return None
-            starts[topic] = last
-        return starts
+    def _push_round(self, subscription: Subscription, round_: _Round) -> None:
+        if round_.contiguous and not subscription.catching_up:
+            starts = _starts(subscription, round_.spans)
+            if starts is not None:
+                if subscription.target.push_now(round_.frames_for(subscription.prefix)):
+                    for topic, (_, last) in round_.spans.items():
+                        subscription.positions[topic] = last
+                else:  # over its budget: replay from history once it drained
+                    for topic, (_, last) in round_.spans.items():
+                        subscription.positions[topic] = starts[topic]
+                        subscription.live_heads[topic] = last
+                    self._catch_up(subscription)
+                return
+        for message, rest in zip(round_.messages, round_.rests, strict=True):
+            self._deliver_one(subscription, message, rest)
 
     def _deliver_one(self, subscription: Subscription, message: Stored, rest: bytes) -> None:
         """Push one live message to one subscription, minding its position in the topic."""
@@ -606,6 +595,46 @@ def _encode_rest(message: Stored) -> bytes:
             _encode("data"), _encode(message.data),
         )
     )  # fmt: skip
+
+
+def _starts(subscription: Subscription, spans: dict[str, tuple[int, int]]) -> dict[str, int] | None:
+    """Per topic, the subscription's position if it is right before ``spans``; else None."""
+    starts = {}
+    for topic, (first, _) in spans.items():
+        last = subscription.positions.get(topic)
+        if last is None:  # a topic first seen now: from here if new messages only
+            last = first - 1 if subscription.live_only else subscription.default_after
+        if last != first - 1:
+            return None
+        starts[topic] = last
+    return starts
+
+
+class _Round:
+    """The live messages of one fan-out round, encoded once for every subscription."""
+
+    __slots__ = ("contiguous", "glues", "messages", "rests", "spans")
+
+    def __init__(self, messages: list[Stored]) -> None:
+        self.messages = messages
+        self.rests = [_encode_rest(message) for message in messages]
+        self.spans: dict[str, tuple[int, int]] = {}  # topic -> (first, last) offset
+        self.contiguous = True  # each topic's offsets follow one another
+        for message in messages:
+            span = self.spans.get(message.topic)
+            if span is None:
+                self.spans[message.topic] = (message.offset, message.offset)
+            else:
+                self.contiguous = self.contiguous and message.offset == span[1] + 1
+                self.spans[message.topic] = (span[0], message.offset)
+        self.glues: dict[int, list[bytes]] = {}  # by prefix length: most subscriptions share one
+
+    def frames_for(self, prefix: bytes) -> bytes:
+        """The round's EVENT_MESSAGE frames for the subscription whose body starts ``prefix``."""
+        glue = self.glues.get(len(prefix))
+        if glue is None:
+            glue = self.glues[len(prefix)] = _glue(self.rests, len(prefix))
+        return prefix.join(glue)
 
 
 def _glue(rests: list[bytes], prefix_length: int) -> list[bytes]:

@@ -402,6 +402,108 @@ class Pushes:
         return None
 
 
+class TightPushes(Pushes):
+    """A connection whose push budget runs out twice: it is caught up from history each time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def push(self, frame: bytes) -> bool:
+        self.calls += 1
+        return self.calls not in (5, 60) and super().push(frame)
+
+
+def by_topic(events: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Offsets pushed per topic, in the order they arrived (message events only)."""
+    seen: dict[str, list[int]] = {}
+    for event in events:
+        assert event["kind"] == PACKAGE.EVENT_MESSAGE, event
+        seen.setdefault(event["topic"], []).append(event["offset"])
+    return seen
+
+
+async def test_a_burst_reaches_every_kind_of_subscription_once_and_in_order(
+    backends: Backends,
+) -> None:
+    """Publishes in flight together (one fan-out round holds many) to two topics, while
+    subscriptions are live, replaying from history, or short of push budget: each gets every
+    offset of each topic once, in order, whichever way it got them."""
+    broker = Broker(BrokerSettings(url=backends.url, history_size=1000))
+    await broker.start()
+    try:
+        a, b = backends.topic("a"), backends.topic("b")
+        count = 150  # per topic
+
+        async def subscribe(target: Pushes, pattern: str, since: int | None) -> None:
+            subscription, _, _ = await broker.subscribe(target, pattern, since=since, positions={})
+            broker.start_pushing(subscription)
+
+        live = [Pushes() for _ in range(20)] + [TightPushes() for _ in range(10)]
+        for index, target in enumerate(live):
+            await subscribe(target, backends.topic(">") if index % 2 else a, None)
+        assert await broker.publish(b, b"before") == 1  # so that b's live subscribers know b
+        await wait_until(lambda: all(len(target.events) == 1 for target in live[1::2]), 10)
+        for target in live[1::2]:
+            target.events.clear()
+
+        async def burst() -> None:
+            for start in range(0, count, 50):
+                await asyncio.gather(*(
+                    broker.publish(topic, b"%d" % n)
+                    for n in range(start, start + 50) for topic in (a, b)
+                ))  # fmt: skip
+
+        publishing = asyncio.create_task(burst())
+        late = [Pushes() for _ in range(10)]
+        for index, target in enumerate(late):
+            await subscribe(target, backends.topic(">") if index % 2 else a, 0)
+        await publishing
+
+        def wanted(target: Pushes, since: int | None, pattern_index: int) -> dict[str, list[int]]:
+            first_b = 1 if since == 0 else 2
+            if pattern_index % 2 == 0:
+                return {a: list(range(1, count + 1))}
+            return {a: list(range(1, count + 1)), b: list(range(first_b, count + 2))}
+
+        everyone = [(t, None, i) for i, t in enumerate(live)] + [
+            (t, 0, i) for i, t in enumerate(late)
+        ]
+        await wait_until(
+            lambda: all(by_topic(t.events) == wanted(t, s, i) for t, s, i in everyone), 20
+        )
+    finally:
+        await broker.close()
+
+
+async def test_no_event_follows_the_end_of_a_subscription_mid_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fan-out round gives the loop a pass between subscriptions (here after every one); a
+    subscription ended meanwhile gets nothing more, as UNSUBSCRIBE's answer promises."""
+    monkeypatch.setattr("broker.FAN_OUT_PASS", 0.0)
+    broker = Broker(BrokerSettings(url="memory://"))
+    await broker.start()
+    try:
+        targets = [Pushes() for _ in range(50)]
+        subscriptions = []
+        for target in targets:
+            subscription, _, _ = await broker.subscribe(target, "t.x", since=None, positions={})
+            broker.start_pushing(subscription)
+            subscriptions.append(subscription)
+        await wait_until(lambda: not any(s.catching_up for s in subscriptions))
+        await broker.publish("t.x", b"one")
+        await asyncio.sleep(0)  # the round begins
+        await asyncio.sleep(0)
+        broker.drop(subscriptions)
+        reached = [len(target.events) for target in targets]
+        assert 0 < sum(reached) < len(targets)  # ended in the middle of the round
+        await asyncio.sleep(0.05)
+        assert [len(target.events) for target in targets] == reached
+    finally:
+        await broker.close()
+
+
 async def test_two_servers_brokers_share_topics(remote: Backends) -> None:
     """The broker front over a shared backend: one server publishes, another's client reads."""
     settings = BrokerSettings(url=remote.url)
