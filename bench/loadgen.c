@@ -39,7 +39,7 @@
  *
  *   loadgen --port P --proto pyasync|floor|socketio --mode pubsub --subscribers N
  *           [--window W] [--rate R] [--topic T] [--size BYTES] [--warmup SEC] [--duration SEC]
- *           [--cpu-pid PID]
+ *           [--cpu-pid PID] [--publish-port P2]
  *
  * It opens N subscriber connections and one publisher connection, subscribes each subscriber to
  * --topic (and waits for every subscription to be confirmed), then publishes --size-byte
@@ -63,7 +63,9 @@
  * counts messages that reached every subscriber during it. Latency runs from the moment the
  * publisher wrote the message (its send time is in the data) to the moment a subscriber read it,
  * one sample per delivery. "server_cpu_percent" is the CPU use of process --cpu-pid over the
- * measured window (null without it); "client_cpu_percent" is this process's own.
+ * measured window (null without it); "client_cpu_percent" is this process's own. With
+ * --publish-port the publisher connects to that port instead (another node of one cluster, sharing
+ * the subscribers' server's broker), so that every message crosses from one node to the other.
  *
  *   pyasync   SUBSCRIBE (20) {"topic"} answered by ANSWER_SUBSCRIBE (21) {"subscription",
  *             "position",..}; PUBLISH (24) {"topic","data"} answered by ANSWER_PUBLISH (25);
@@ -148,6 +150,7 @@ static long opt_window = 64;           /* pubsub: messages not yet delivered eve
 static double opt_rate = 0.0;          /* pubsub: messages per second; 0 = saturation */
 static const char *opt_topic = "bench.t";
 static long opt_cpu_pid = 0;           /* pubsub: report this process's CPU use too */
+static int opt_publish_port = -1;      /* pubsub: the publisher's server, if not --port's */
 
 static uint32_t K;                     /* requests in flight per connection */
 static unsigned char *g_payload;       /* shared request payload (size bytes) */
@@ -952,18 +955,32 @@ static void raise_fd_limit(long conns)
     }
 }
 
-static void connect_all(void)
+static struct addrinfo *resolve(int port_number)
 {
     struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
     struct addrinfo *ai;
     char port[16];
-    snprintf(port, sizeof port, "%d", opt_port);
+    snprintf(port, sizeof port, "%d", port_number);
     int rc = getaddrinfo(opt_host, port, &hints, &ai);
     if (rc != 0)
         die(2, "cannot resolve %s: %s", opt_host, gai_strerror(rc));
+    return ai;
+}
+
+/* The port connection i goes to: pubsub's publisher (connection 0) may have its own. */
+static int port_of(long i)
+{
+    return i == 0 && opt_mode == M_PUBSUB && opt_publish_port > 0 ? opt_publish_port : opt_port;
+}
+
+static void connect_all(void)
+{
+    struct addrinfo *main_ai = resolve(opt_port);
+    struct addrinfo *first_ai = port_of(0) == opt_port ? main_ai : resolve(port_of(0));
 
     for (long i = 0; i < opt_conns; i++) {
         struct conn *c = &g_conns[i];
+        struct addrinfo *ai = i == 0 ? first_ai : main_ai;
         init_conn(c);
         c->fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (c->fd < 0)
@@ -971,14 +988,16 @@ static void connect_all(void)
         int one = 1;
         setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         if (connect(c->fd, ai->ai_addr, ai->ai_addrlen) < 0 && errno != EINPROGRESS)
-            die(2, "connect to %s:%d failed (connection %ld): %s", opt_host, opt_port, i,
+            die(2, "connect to %s:%d failed (connection %ld): %s", opt_host, port_of(i), i,
                 strerror(errno));
         c->events = EPOLLOUT;
         struct epoll_event e = {.events = EPOLLOUT, .data.ptr = c};
         if (epoll_ctl(g_ep, EPOLL_CTL_ADD, c->fd, &e) < 0)
             die(2, "epoll_ctl: %s", strerror(errno));
     }
-    freeaddrinfo(ai);
+    if (first_ai != main_ai)
+        freeaddrinfo(first_ai);
+    freeaddrinfo(main_ai);
 
     long ready = 0;
     uint64_t deadline = now_ns() + SETUP_TIMEOUT_NS;
@@ -1002,8 +1021,8 @@ static void connect_all(void)
                 if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
                     err = errno;
                 if (err)
-                    die(2, "connect to %s:%d failed (connection %d): %s", opt_host, opt_port,
-                        (int)(c - g_conns), strerror(err));
+                    die(2, "connect to %s:%d failed (connection %d): %s", opt_host,
+                        port_of(c - g_conns), (int)(c - g_conns), strerror(err));
                 if (!(evs[i].events & EPOLLOUT))
                     continue;
                 if (opt_tls) {
@@ -2004,7 +2023,7 @@ static void usage(FILE *f)
             "               [--tls] [--tls-insecure] [--cafile PEM] [--keys N]\n"
             "       loadgen --port P --proto pyasync|floor|socketio --mode pubsub\n"
             "               [--subscribers N] [--window W] [--rate R] [--topic T] [--size BYTES]\n"
-            "               [--warmup SEC] [--duration SEC] [--cpu-pid PID]\n"
+            "               [--warmup SEC] [--duration SEC] [--cpu-pid PID] [--publish-port P]\n"
             "defaults: --host 127.0.0.1 --connections 1 --inflight 1 --size 32 --warmup 1\n"
             "--duration 5; --tls-insecure (no certificate check) and --cafile imply --tls;\n"
             "with --tls alone the server is verified against the system CAs.\n"
@@ -2060,7 +2079,7 @@ static void parse_args(int argc, char **argv)
         {"mode", required_argument, 0, 'M'},        {"subscribers", required_argument, 0, 'S'},
         {"window", required_argument, 0, 'W'},      {"rate", required_argument, 0, 'R'},
         {"topic", required_argument, 0, 'T'},       {"cpu-pid", required_argument, 0, 'U'},
-        {"help", no_argument, 0, 'H'},
+        {"publish-port", required_argument, 0, 'Q'}, {"help", no_argument, 0, 'H'},
         {0, 0, 0, 0},
     };
     int ch;
@@ -2094,6 +2113,7 @@ static void parse_args(int argc, char **argv)
         case 'R': opt_rate = parse_double("rate", optarg); break;
         case 'T': opt_topic = optarg; break;
         case 'U': opt_cpu_pid = parse_long("cpu-pid", optarg, 1, INT_MAX); break;
+        case 'Q': opt_publish_port = (int)parse_long("publish-port", optarg, 1, 65535); break;
         case 'K': opt_keys = parse_long("keys", optarg, 1, 100000); break;
         case 'c': opt_conns = parse_long("connections", optarg, 1, 1000000); break;
         case 'k': opt_inflight = parse_long("inflight", optarg, 1, 1000000); break;
