@@ -87,15 +87,20 @@ __all__ = [
 TIMEOUT_GRACE = 0.5  # seconds
 RECONNECT_FIRST_DELAY = 0.05  # seconds; doubles after each round of failed endpoints
 RECONNECT_MAX_DELAY = 2.0  # seconds
+# A connection lost sooner than this after it was made counts as a failed round (an endpoint
+# that accepts and then drops or refuses clients): the next failover backs off first.
+RECONNECT_SETTLED = 1.0  # seconds
 
 
 class Client:
     """A connection to a pyasync-server carrying many concurrent requests.
 
     Given several ``endpoints`` (or ``reconnect=True``), a lost connection is replaced by one to
-    the next endpoint that answers, with exponential back-off and jitter; subscriptions resume
-    from the last offset they received, requests of types in ``package.IDEMPOTENT`` are sent
-    again, and the others fail with ``Unavailable`` (they may or may not have run).
+    the next endpoint that answers, at once, then with exponential back-off and jitter while
+    none does; subscriptions resume from the last offset they received, requests of types in
+    ``package.IDEMPOTENT`` are sent again, and the others fail with ``Unavailable`` (they may or
+    may not have run). Requests on a connection the server refused (``MAX_CONNECTIONS``) never
+    ran: they are sent again whatever their type.
 
     Args:
         host: server address.
@@ -148,6 +153,8 @@ class Client:
         self._reconnecting: asyncio.Task[None] | None = None
         self._is_closing = False
         self._next_endpoint = 0
+        self._connected_at = 0.0  # loop time the current connection was made
+        self._reconnect_delay = RECONNECT_FIRST_DELAY  # the next back-off, before jitter
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> Client:
@@ -222,12 +229,13 @@ class Client:
             host, port = self.endpoints[index]
             try:
                 protocol = await self._open(host, port)
-            except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-                failure = exc
+                if self.token:
+                    await self._hello(protocol)
+            except (OSError, TimeoutError, RPCError) as exc:  # ssl.SSLError is an OSError
+                failure = exc  # a HELLO refused or cut off too: another endpoint may serve
                 continue
-            if self.token:
-                await self._hello(protocol)
             self._next_endpoint = (index + 1) % count  # the next failover tries another first
+            self._connected_at = asyncio.get_running_loop().time()
             self.host, self.port, self._protocol = host, port, protocol
             if self.reconnect:
                 protocol.lost.add_done_callback(self._connection_lost)
@@ -291,20 +299,35 @@ class Client:
         if self._is_closing or self._ready is None:
             return
         self._ready.clear()
-        if self._reconnecting is None or self._reconnecting.done():
-            self._reconnecting = asyncio.get_running_loop().create_task(self._fail_over())
+        if self._reconnecting is not None and not self._reconnecting.done():
+            # Still resuming subscriptions over the connection just lost: their SUBSCRIBEs
+            # would wait for a connection that only a new failover makes.
+            self._reconnecting.cancel()
+        self._reconnecting = asyncio.get_running_loop().create_task(self._fail_over())
 
     async def _fail_over(self) -> None:
-        """Connect to the next endpoint that answers, then resume every subscription."""
-        delay = RECONNECT_FIRST_DELAY
+        """Connect to the next endpoint that answers, then resume every subscription.
+
+        The first try is immediate after a connection that had settled; one lost soon after it
+        was made backs off first, so an endpoint that keeps dropping clients is not hammered.
+        """
+        settled = asyncio.get_running_loop().time() - self._connected_at >= RECONNECT_SETTLED
+        if settled:
+            self._reconnect_delay = RECONNECT_FIRST_DELAY
+        else:
+            await self._back_off()
         while True:
             try:
                 await self._connect_any()
                 break
             except (OSError, TimeoutError, RPCError):  # RPCError: a HELLO refused (for now)
-                await asyncio.sleep(random.uniform(delay / 2, delay))  # jitter: no stampede
-                delay = min(delay * 2, RECONNECT_MAX_DELAY)
+                await self._back_off()
         await asyncio.gather(*(s.resume() for s in list(self.subscriptions)))
+
+    async def _back_off(self) -> None:
+        delay = self._reconnect_delay
+        await asyncio.sleep(random.uniform(delay / 2, delay))  # jitter: no stampede
+        self._reconnect_delay = min(delay * 2, RECONNECT_MAX_DELAY)
 
     async def _connection(self, deadline: float | None) -> ClientProtocol:
         """The live connection, waiting (until ``deadline``) while one is being replaced."""
@@ -393,6 +416,11 @@ class Client:
                     return await future
             except TimeoutError:
                 raise DeadlineExceeded(f"no answer within {timeout:g} s") from None
+            except RPCError as exc:  # the server's word on the whole connection, or an answer
+                refused = protocol.is_refused and exc is protocol.closed_error
+                if not refused or not self.reconnect or self._is_closing:
+                    raise
+                # Refused as it opened, before the server read a byte of it: nothing ran.
             except ConnectionClosed:
                 if not self.reconnect or self._is_closing:
                     raise

@@ -18,6 +18,7 @@ from package import (
     ErrorAnswer,
     GapEvent,
     MessageEvent,
+    ResourceExhausted,
     RPCError,
     error_from_answer,
     unpack,
@@ -104,6 +105,7 @@ class ClientProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed_error: ConnectionClosed | RPCError | None = None  # set once it is gone
         self.server_error: RPCError | None = None  # what the server said about the connection
+        self.is_refused = False  # the server refused the connection before reading from it
         self.received_frame = False  # a valid frame came: the peer speaks this protocol
         self.write_ready: asyncio.Future[None] | None = None  # set while writing is paused
         self.lost = asyncio.get_running_loop().create_future()
@@ -183,7 +185,7 @@ class ClientProtocol(asyncio.Protocol):
             self.transport.abort()
 
     def _dispatch(self, frame: Frame) -> None:
-        self.received_frame = True
+        is_first, self.received_frame = not self.received_frame, True
         if frame.request_id != CONNECTION_REQUEST_ID:
             if self.answer_hooks and (hook := self.answer_hooks.pop(frame.request_id, None)):
                 hook(frame)
@@ -207,6 +209,8 @@ class ClientProtocol(asyncio.Protocol):
             error = unpack(PACKAGE.ANSWER_ERROR, frame.body)
             assert isinstance(error, ErrorAnswer)
             self.server_error = error_from_answer(error)
+            # A server over its connection limits says so first thing, and reads nothing.
+            self.is_refused = is_first and isinstance(self.server_error, ResourceExhausted)
         # Other event types are newer than this client: ignored.
 
     def resume_reading(self) -> None:
