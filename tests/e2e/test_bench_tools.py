@@ -1,12 +1,15 @@
-"""The benchmark's tools work: the C load generator against the server, the floor and KV_GET.
+"""The benchmark's tools work: the C load generator against the server, the floor and KV_GET,
+and the cluster figures of ``bench/cluster.py``.
 
 These check that bench/run.py's parts run and agree on the wire formats; the speed figures
-themselves come from ``python bench/run.py``, never from a test.
+themselves come from ``python bench/run.py`` and ``python bench/cluster.py``, never from a test.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -15,7 +18,10 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import ROOT, clean_env, start_server_process
+from server_config import DatabaseSettings
+from tests.db.test_messaging import URLS as BROKER_URLS
+from tests.db.test_messaging import require_broker
+from tests.helpers import ROOT, URLS, clean_env, require_reachable, start_server_process
 
 BRIEF = ["--warmup", "0.2", "--duration", "0.5"]
 
@@ -133,3 +139,33 @@ def test_loadgen_pubsub_mode_delivers_every_message_to_every_subscriber(
         assert result["deliveries"] > 0 and result["errors"] == 0 and result["lost"] == 0
     assert busy["messages"] > 0 and 0 < busy["p50_us"] <= busy["p99_us"] <= busy["max_us"]
     assert light["published"] <= 40  # 0.7 s at 40 messages/s: about 28, never a flood
+
+
+@pytest.mark.timeout(180)
+async def test_cluster_bench_prints_latency_and_failover_figures(
+    loadgen: Path,  # the script builds its own; this skips the test where no compiler is
+    tmp_path: Path,
+) -> None:
+    require_broker(BROKER_URLS["redis"])
+    await require_reachable(DatabaseSettings(db_url=URLS["postgres"]))
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(ROOT / "bench" / "cluster.py"), "--quick", "--brokers", "redis"],
+        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=150,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert any(line.startswith("(a) redis A -> B ") and " p99 " in line for line in lines)
+    assert any(line.startswith("(b) redis failover: 2 of 6 clients") for line in lines), lines
+    figures = json.loads(lines[-1])
+    (latency,) = figures["latency"]
+    for key in ("cross", "same", "saturation"):
+        run = latency[key]
+        assert run["deliveries"] > 0 and run["errors"] == 0 and run["lost"] == 0, run
+        assert 0 < run["p50_us"] <= run["p99_us"] <= run["max_us"], run
+    assert latency["cross"]["messages_per_s"] > 500  # --rate 1000, briefly
+    (failover,) = figures["failover"]
+    assert failover["moved"] == 2 and math.isfinite(failover["recovery_max_s"]), failover
+    assert failover["published"] == 150, failover
+    assert (failover["lost"], failover["duplicates"], failover["unanswered"]) == (0, 0, 0)
+    assert failover["restarted_node_id"] == "node-0"
