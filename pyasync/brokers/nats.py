@@ -358,7 +358,7 @@ class NatsBackend:
         """
         self._check()
         with self._translate():
-            for _ in range(3):  # a message aged out while we looked: look again
+            for _ in range(3):  # a message aged out or was stored while we looked: look again
                 found = await self._history_once(topic, after, limit)
                 if found is not None:
                     return found
@@ -370,7 +370,12 @@ class NatsBackend:
         subject = self.prefix + topic
         last = await self._get(self.stream, subject)
         if last is None:
-            return [], await self._floor(topic)
+            floor = await self._floor(topic)
+            if floor and await self._get(self.stream, subject) is not None:
+                # Stored between the two reads (a new topic's first messages): the floor is not
+                # history that aged out, and answering it would announce kept messages as a gap.
+                return None
+            return [], floor
         head = _offset(last)
         if limit <= 0 or after >= head:
             return [], head

@@ -160,6 +160,12 @@ async def redis_only() -> AsyncIterator[Backends]:
         yield opened
 
 
+@pytest.fixture
+async def nats_only() -> AsyncIterator[Backends]:
+    async for opened in backends_of(Backends("nats")):
+        yield opened
+
+
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
     """Poll the async ``check`` until it is true.
 
@@ -317,6 +323,35 @@ async def test_topics_forget_history_that_aged_out(backends: Backends) -> None:
         return await backend.topics(backends.topic(">")) == []
 
     await eventually(forgotten, timeout=5)
+
+
+async def test_a_first_publish_between_two_history_reads_is_history_not_a_gap(
+    nats_only: Backends, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NATS answers "no history" in two reads: the topic's last message, then the offset its
+    heads stream remembers. A topic's first publish landing between them must not make its
+    message look aged out (the broker would announce it to a new subscriber as a gap)."""
+    from pyasync.brokers.nats import NatsBackend
+
+    reader = (await nats_only.open()).backend
+    publisher = (await nats_only.open()).backend
+    assert isinstance(reader, NatsBackend)
+    topic = nats_only.topic("first")
+    floor = reader._floor
+    published: list[int] = []
+
+    async def floor_after_a_publish(name: str) -> int:
+        if not published:  # the race, once: the publish is stored between the two reads
+            published.append(await publisher.publish(topic, b"first"))
+            # NATS republishes the head a moment after the acknowledgement; the race needs it.
+            async with asyncio.timeout(5):
+                while not await floor(name):  # noqa: ASYNC110 - polls NATS, no event to wait on
+                    await asyncio.sleep(0.01)
+        return await floor(name)
+
+    monkeypatch.setattr(reader, "_floor", floor_after_a_publish)
+    assert await reader.history(topic, 0, 10) == ([Stored(topic, 1, b"first")], 1)
+    assert published == [1]
 
 
 # ---- several servers --------------------------------------------------------------------------
