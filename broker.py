@@ -53,6 +53,11 @@ HISTORY_LAG = 2.0
 # Seconds of fan-out (mostly socket writes) after which the loop gets a pass: publishes that
 # fill the next round go on meanwhile (a NATS publish takes several passes), and so does the rest.
 FAN_OUT_PASS = 0.0001
+# Live messages a subscription catching up keeps, at most, to push once its replay reaches them:
+# those that arrive while a history read travels back, without which a replay chasing a busy
+# topic (one message or more per round trip to the backend) never meets the live stream.
+HELD_MESSAGES = 256
+HELD_BYTES = 256 * 1024
 TOKEN = re.compile(r"[^\s.*>]+")  # a topic token: no space, dot or wildcard
 
 
@@ -202,13 +207,14 @@ def _event_frame(kind: PACKAGE, body: bytes) -> bytes:
 class Subscription:
     """One client's subscription: where it stands in each topic, and whether it is live.
 
-    While ``catching_up``, live messages are not pushed (only the newest offset is noted); a
-    task replays history from ``positions`` until it meets the live stream, then goes live.
+    While ``catching_up``, a task replays history from ``positions`` until it meets the live
+    stream, then goes live. Live messages that arrive meanwhile are noted (``live_heads``), and
+    the first few kept (``held``): the replay pushes them once it has reached them.
     """
 
     __slots__ = (
-        "catch_up_task", "catching_up", "default_after", "id", "live_heads", "live_only",
-        "pattern", "positions", "prefix", "target",
+        "catch_up_task", "catching_up", "default_after", "held", "held_bytes", "id",
+        "live_heads", "live_only", "pattern", "positions", "prefix", "target",
     )  # fmt: skip
 
     def __init__(
@@ -227,6 +233,8 @@ class Subscription:
         self.default_after = default_after  # the position of a topic not in positions
         self.live_only = live_only  # subscribed without since: new messages only
         self.live_heads: dict[str, int] = {}  # topic -> newest offset seen live while catching up
+        self.held: list[Stored] = []  # live messages kept while catching up, in arrival order
+        self.held_bytes = 0
         self.catching_up = True
         self.catch_up_task: asyncio.Task[None] | None = None
         # The body of EVENT_MESSAGE is a map; its first entry (this subscription) is fixed.
@@ -477,6 +485,13 @@ class Broker:
             heads = subscription.live_heads
             if offset > heads.get(topic, 0):
                 heads[topic] = offset
+            if (
+                subscription.catch_up_task is not None  # pushing began: its answer left
+                and len(subscription.held) < HELD_MESSAGES
+                and subscription.held_bytes + len(message.data) <= HELD_BYTES
+            ):
+                subscription.held.append(message)
+                subscription.held_bytes += len(message.data)
             return
         last = subscription.positions.get(topic)
         if last is None:  # a topic first seen now: from here if new messages only
@@ -507,7 +522,9 @@ class Broker:
         arrives meanwhile is either in the replay or pushed live, never lost or pushed twice.
         """
         delay = 0.05
-        waited = 0  # passes in which live messages were ahead of history
+        # Per topic that live messages are ahead of: its position, and the passes in which it
+        # stayed there. One that history does not move on for HISTORY_LAG is given up on.
+        stuck: dict[str, tuple[int, int]] = {}
         while True:
             await subscription.target.writable()
             try:
@@ -522,19 +539,30 @@ class Broker:
                 for topic, head in subscription.live_heads.items()
             ):
                 subscription.live_heads.clear()
+                subscription.held.clear()
+                subscription.held_bytes = 0
                 subscription.catching_up = False
                 return
-            if done:  # live is ahead of what history holds yet: let the backend store it
-                waited += 1
-                if waited * 0.01 >= HISTORY_LAG:  # it never will: say what is missing
-                    self._give_up_waiting(subscription)
-                await asyncio.sleep(0.01)
-            else:
-                waited = 0
+            if not done:  # held back by the connection's budget, not by history
+                stuck.clear()
+                continue
+            late = []  # live is ahead of what history holds yet: let the backend store it
+            for topic, head in subscription.live_heads.items():
+                position = subscription.positions.get(topic, subscription.default_after)
+                if position >= head:
+                    continue
+                was, passes = stuck.get(topic, (position, 0))
+                stuck[topic] = (position, passes + 1 if was == position else 1)
+                if stuck[topic][1] * 0.01 >= HISTORY_LAG:  # it never will: say what is missing
+                    late.append(topic)
+            if late:
+                self._give_up_waiting(subscription, late)
+            await asyncio.sleep(0.01)
 
-    def _give_up_waiting(self, subscription: Subscription) -> None:
-        """Announce as a gap the live offsets that history never came to hold."""
-        for topic, head in subscription.live_heads.items():
+    def _give_up_waiting(self, subscription: Subscription, topics: list[str]) -> None:
+        """Announce as a gap the live offsets of ``topics`` that history never came to hold."""
+        for topic in topics:
+            head = subscription.live_heads[topic]
             after = subscription.positions.get(topic, subscription.default_after)
             if head > after and subscription.target.push(
                 _gap_frame(subscription, topic, after, head + 1)
@@ -566,9 +594,33 @@ class Broker:
                     ):
                         return False
                     after = subscription.positions[topic] = message.offset
+                if not self._push_held(subscription):
+                    return False
+                after = subscription.positions.get(topic, after)
                 if len(messages) < REPLAY_CHUNK:
                     break
         return True
+
+    def _push_held(self, subscription: Subscription) -> bool:
+        """Push the held live messages that follow on from the positions reached; drop those
+        pushed already. False when the connection's budget is spent."""
+        kept: list[Stored] = []
+        pushed_all = True
+        for index, message in enumerate(subscription.held):
+            last = subscription.positions.get(message.topic)
+            if last is None or message.offset > last + 1:
+                kept.append(message)  # not reached yet: history or a later pass brings it
+            elif message.offset == last + 1:
+                if not subscription.target.push(
+                    _message_frame(subscription, _encode_rest(message))
+                ):
+                    kept += subscription.held[index:]
+                    pushed_all = False
+                    break
+                subscription.positions[message.topic] = message.offset
+        subscription.held = kept
+        subscription.held_bytes = sum(len(message.data) for message in kept)
+        return pushed_all
 
     async def _start_of(self, subscription: Subscription, topic: str) -> int:
         """Where a subscription starts in a topic it had no position for: for new messages

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import msgspec
 import pytest
 
-from broker import Broker, BrokerBackend, BrokerSettings, Stored, open_backend
+from broker import HISTORY_LAG, Broker, BrokerBackend, BrokerSettings, Stored, open_backend
 from package import PACKAGE, Unavailable
 from protocol import FrameDecoder
 from tests.helpers import FaultyProxy, wait_until
@@ -563,6 +563,51 @@ async def test_two_servers_brokers_share_topics(remote: Backends) -> None:
     finally:
         await subscribed.close()
         await publishing.close()
+
+
+async def test_a_replay_chasing_a_busy_topic_goes_live_without_a_gap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A subscription catching up reads history while live messages keep coming. Each read
+    takes a round trip (to NATS or Redis), so at a high rate one always arrives during it: a
+    replay that went live only after a pass in which none did never went live, and after
+    HISTORY_LAG announced kept messages as a gap. It must go live soon, missing nothing."""
+    broker = Broker(BrokerSettings(url="memory://", history_size=100_000))
+    await broker.start()
+    history = broker.backend.history
+
+    async def one_round_trip_later(topic: str, after: int, limit: int) -> tuple[list[Stored], int]:
+        found = await history(topic, after, limit)
+        await asyncio.sleep(0.005)  # the answer travels back while messages go on arriving
+        return found
+
+    monkeypatch.setattr(broker.backend, "history", one_round_trip_later)
+    topic, stop = "busy.topic", asyncio.Event()
+
+    async def publish_fast() -> None:  # about 1,000 messages a second
+        while not stop.is_set():
+            await broker.publish(topic, b"x")
+            await asyncio.sleep(0.001)
+
+    publisher = asyncio.create_task(publish_fast())
+    try:
+        await asyncio.sleep(0.1)  # the topic has history to catch up with
+        pushes = Pushes()
+        subscription, _, _ = await broker.subscribe(pushes, topic, since=0, positions={})
+        broker.start_pushing(subscription)
+        # The pass that reaches history's head goes live; waiting for a pass during which no
+        # message arrives could take much longer, and past HISTORY_LAG lost messages.
+        await wait_until(lambda: not subscription.catching_up, timeout=HISTORY_LAG / 4)
+        await asyncio.sleep(0.2)  # and stays live while messages keep coming
+        assert not subscription.catching_up
+    finally:
+        stop.set()
+        await publisher
+    head = (await history(topic, 0, 0))[1]
+    await wait_until(lambda: len(pushes.events) >= head)
+    assert {event["kind"] for event in pushes.events} == {PACKAGE.EVENT_MESSAGE}
+    assert [event["offset"] for event in pushes.events] == list(range(1, head + 1))
+    await broker.close()
 
 
 async def test_a_new_backend_sees_the_old_history(remote: Backends) -> None:
