@@ -1,6 +1,7 @@
 """Scale-out figures on one machine: cross-node publish -> delivery latency, and failover time.
 
-    python bench/cluster.py                          # both parts, NATS and Redis: about 2 minutes
+    python bench/cluster.py                          # both parts, NATS and Redis: about a minute
+    python bench/cluster.py --runs 3 --broker-pids nats=PID,redis=PID   # the README's figures
     python bench/cluster.py --part latency --brokers nats
     python bench/cluster.py --part failover --quick  # a short run, to try the harness
 
@@ -10,7 +11,8 @@
 message, and times every delivery. Beside it, the same run with the publisher on B too (a message
 goes through the broker either way), and the publisher at saturation (``--window`` messages
 not yet delivered everywhere): how many messages per second one publishing connection gets
-through the broker from one node to the other.
+through the broker from one node to the other. With ``--broker-pids`` the broker's CPU use is
+reported too.
 
 (b) Failover: three nodes share a broker and one PostgreSQL database (``PYASYNC_PG_URL``).
 ``--clients`` clients, each given the three endpoints in a rotated order (so a third of them
@@ -249,7 +251,8 @@ def pubsub_run(
 async def latency(
     broker: str, binary: Path, args: argparse.Namespace, broker_pid: int | None
 ) -> dict[str, Any]:
-    """(a) for one broker: cross-node and same-node latency at ``--rate``, then saturation."""
+    """(a) for one broker: cross-node and same-node latency at ``--rate``, then saturation;
+    each the median of ``--runs`` runs (every run kept under "runs")."""
     run = f"cluster{uuid.uuid4().hex[:8]}"
     url = broker_url(broker, run)
     settings = {"BROKER_URL": url, "DB_BACKEND": "none", "COMPRESSION_THRESHOLD": "0",
@@ -263,14 +266,39 @@ async def latency(
                     ("same", b, args.rate, 10_000),
                     ("saturation", a, 0.0, args.window),
                 ):
-                    figures[key] = await asyncio.to_thread(
-                        pubsub_run, binary, publisher, b, f"{run}.{key}", args,
-                        rate=rate, window=window, broker_pid=broker_pid,
-                    )  # fmt: skip
+                    runs = [
+                        await asyncio.to_thread(
+                            pubsub_run,
+                            binary,
+                            publisher,
+                            b,
+                            f"{run}.{key}{index}",
+                            args,
+                            rate=rate,
+                            window=window,
+                            broker_pid=broker_pid,
+                        )  # fmt: skip
+                        for index in range(args.runs)
+                    ]
+                    figures[key] = {**median_of(runs), "runs": runs}
                     print(describe_pubsub(broker, key, figures[key]), flush=True)
         finally:
             await remove_broker_state(url, run)
     return figures
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each numeric figure's median over the runs (errors and lost: their sum)."""
+    merged: dict[str, Any] = {}
+    for key, value in runs[0].items():
+        values = [run[key] for run in runs]
+        if key in ("errors", "lost"):
+            merged[key] = sum(values)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            merged[key] = statistics.median(values)
+        else:
+            merged[key] = value
+    return merged
 
 
 def describe_pubsub(broker: str, key: str, result: dict[str, Any]) -> str:
@@ -595,10 +623,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                             publish_rate=args.publish_rate,
                             kill_after=args.messages // 3)  # fmt: skip
         for broker in args.brokers:
-            with tempfile.TemporaryDirectory() as scratch:
-                result = await failover(Path(scratch), broker, plan)
-            print(result.summary(), flush=True)
-            figures["failover"].append(result.figures())
+            for _ in range(args.runs):
+                with tempfile.TemporaryDirectory() as scratch:
+                    result = await failover(Path(scratch), broker, plan)
+                print(result.summary(), flush=True)
+                figures["failover"].append(result.figures())
     return figures
 
 
@@ -618,6 +647,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=30, help="(b) clients (30)")
     parser.add_argument("--messages", type=int, default=600, help="(b) stream length (600)")
     parser.add_argument("--publish-rate", type=float, default=200.0, help="(b) msg/s (200)")
+    parser.add_argument("--runs", type=int, default=1, help="(a) median of, (b) runs of (1)")
     parser.add_argument("--quick", action="store_true", help="short runs, to try the harness")
     args = parser.parse_args()
     args.brokers = [b for b in args.brokers.split(",") if b]
