@@ -354,9 +354,14 @@ class Connection(asyncio.Protocol):
         return self.throttle_answer
 
     def _unthrottle(self) -> None:
+        """The pause is over: take the waiting frames on a pass of their own, then read again.
+
+        Not here: a timer runs before the loop looks for input, so another client whose request
+        arrived in the same pass would wait for two passes of this one instead of one.
+        """
         self.throttle_answer = None
         self.refused = 0
-        self._take_frames()  # then reads again, unless frames are still waiting
+        self._take_later()
 
     def _forget_address(self) -> None:
         counts = self.server.connections_per_ip
