@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from package import PACKAGE  # noqa: E402
+from package import PACKAGE, ErrorAnswer, ErrorCode, unpack  # noqa: E402
 from protocol import FrameDecoder, encode_frame  # noqa: E402
 
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
@@ -49,14 +49,22 @@ class Pings:
     """The victim's round trips, and how long each side waited for a CPU during each one."""
 
     rtts: list[float] = field(default_factory=list)  # seconds
-    waits: list[float] = field(default_factory=list)  # seconds, server's and victim's together
+    server_waits: list[float] = field(default_factory=list)  # seconds
+    victim_waits: list[float] = field(default_factory=list)  # seconds
 
     def p(self, share: float, *, less_waits: bool = False) -> float:
         """The ``share`` percentile in ms, of the round trips or of what is left of them."""
         rtts = self.rtts
         if less_waits:
-            rtts = [rtt - min(rtt, wait) for rtt, wait in zip(self.rtts, self.waits, strict=True)]
+            waits = zip(self.rtts, self.server_waits, self.victim_waits, strict=True)
+            rtts = [rtt - min(rtt, server + victim) for rtt, server, victim in waits]
         return percentile(rtts, share)
+
+    def waited(self) -> str:
+        return (
+            f"server {sum(self.server_waits) * 1000:.1f} ms, "
+            f"victim {sum(self.victim_waits) * 1000:.1f} ms"
+        )
 
 
 async def victim(port: int, seconds: float, rate: float, server_pid: int) -> Pings:
@@ -69,13 +77,14 @@ async def victim(port: int, seconds: float, rate: float, server_pid: int) -> Pin
     request_id = 0
     while loop.time() < stop:
         request_id += 1
-        waited = cpu_wait(server_pid) + cpu_wait("self")
+        server_waited, victim_waited = cpu_wait(server_pid), cpu_wait("self")
         began = time.perf_counter()
         writer.write(encode_frame(PACKAGE.REQUEST_PING, request_id, b"\x80"))
         while decoder.next_frame() is None:
             decoder.feed(await reader.read(65536))
         pings.rtts.append(time.perf_counter() - began)
-        pings.waits.append(cpu_wait(server_pid) + cpu_wait("self") - waited)
+        pings.server_waits.append(cpu_wait(server_pid) - server_waited)
+        pings.victim_waits.append(cpu_wait("self") - victim_waited)
         await asyncio.sleep(1 / rate)
     writer.close()
     return pings
@@ -83,16 +92,13 @@ async def victim(port: int, seconds: float, rate: float, server_pid: int) -> Pin
 
 async def attack(port: int, seconds: float) -> dict[str, int]:
     """1,000 connections from 127.0.0.1, and a flood of PINGs on one of them."""
-    refused = opened = 0
-    writers: list[asyncio.StreamWriter] = []
+    failed = 0
+    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     for _ in range(1000):
         try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            held.append(await asyncio.open_connection("127.0.0.1", port))
         except OSError:
-            refused += 1
-            continue
-        writers.append(writer)
-        opened += 1
+            failed += 1
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.3", 0))
     burst = b"".join(encode_frame(PACKAGE.REQUEST_PING, i, b"\x80") for i in range(1, 1001))
     decoder = FrameDecoder()
@@ -108,13 +114,36 @@ async def attack(port: int, seconds: float) -> dict[str, int]:
                 throttled += frame.kind == PACKAGE.ANSWER_ERROR
 
     draining = asyncio.create_task(drain())
-    while asyncio.get_running_loop().time() < stop:
-        writer.write(burst)
-        await writer.drain()
+    with contextlib.suppress(TimeoutError):  # the server stops reading a throttled connection
+        async with asyncio.timeout_at(stop):
+            while True:
+                writer.write(burst)
+                await writer.drain()
     draining.cancel()
-    for each in (*writers, writer):
+    refused = await count_refused([each for each, _ in held])
+    for each in (*(each for _, each in held), writer):
         each.close()
-    return {"connections_opened": opened, "flood_answers": answers, "flood_throttled": throttled}
+    return {
+        "connections": len(held) + failed, "connections_refused": refused,
+        "connect_errors": failed, "flood_answers": answers, "flood_throttled": throttled,
+    }  # fmt: skip
+
+
+async def count_refused(readers: list[asyncio.StreamReader]) -> int:
+    """How many of these connections the server refused: RESOURCE_EXHAUSTED on request id 0."""
+    reads = [asyncio.ensure_future(reader.read(1 << 12)) for reader in readers]
+    done, pending = await asyncio.wait(reads, timeout=1)  # a held connection gets nothing
+    for read in pending:
+        read.cancel()
+    refused = 0
+    for read in done:
+        decoder = FrameDecoder()
+        decoder.feed(b"" if read.exception() else read.result())
+        frame = decoder.next_frame()
+        if frame is not None and frame.kind == PACKAGE.ANSWER_ERROR:
+            error = unpack(PACKAGE.ANSWER_ERROR, frame.body)
+            refused += isinstance(error, ErrorAnswer) and error.code == ErrorCode.RESOURCE_EXHAUSTED
+    return refused
 
 
 def percentile(samples: list[float], share: float) -> float:
@@ -175,10 +204,9 @@ def report(alone: Pings, attacked: Pings) -> None:
     ratio = attacked.p(0.99) / alone.p(0.99)
     print(f"p99 ratio: {ratio:.2f} (target <= 2)  mean attacked "
           f"{statistics.mean(attacked.rtts) * 1000:.3f} ms")  # fmt: skip
-    if sum(alone.waits) or sum(attacked.waits):
-        print(f"waiting for a CPU (server and victim, while other programs ran): "
-              f"{sum(alone.waits) * 1000:.1f} ms alone, {sum(attacked.waits) * 1000:.1f} ms "
-              f"attacked")  # fmt: skip
+    if sum(alone.server_waits) or sum(attacked.server_waits):
+        print(f"waiting for a CPU while other programs ran: alone {alone.waited()}; "
+              f"attacked {attacked.waited()}")  # fmt: skip
         alone_p99, attacked_p99 = alone.p(0.99, less_waits=True), attacked.p(0.99, less_waits=True)
         print(f"p99 without those waits: {alone_p99:.3f} ms alone, {attacked_p99:.3f} ms "
               f"attacked, ratio {attacked_p99 / alone_p99:.2f}")  # fmt: skip
