@@ -37,9 +37,18 @@ LISTENING = re.compile(r"listening on (\S+):(\d+)")
 
 def cpu_wait(pid: int | str) -> float:
     """Seconds ``pid`` has spent runnable but waiting for a CPU; 0 without scheduler stats."""
+    return _schedstat(pid, 1)
+
+
+def cpu_time(pid: int | str) -> float:
+    """Seconds ``pid`` has run on a CPU; 0 without scheduler stats."""
+    return _schedstat(pid, 0)
+
+
+def _schedstat(pid: int | str, field: int) -> float:
     try:
         with open(f"/proc/{pid}/schedstat") as stats:
-            return int(stats.read().split()[1]) / 1e9
+            return int(stats.read().split()[field]) / 1e9
     except (OSError, IndexError, ValueError):
         return 0.0
 
@@ -50,6 +59,8 @@ class Pings:
 
     rtts: list[float] = field(default_factory=list)  # seconds
     server_waits: list[float] = field(default_factory=list)  # seconds
+    server_cpu: float = 0.0  # seconds the server ran meanwhile
+    seconds: float = 0.0  # how long the victim sent
     victim_waits: list[float] = field(default_factory=list)  # seconds
 
     def p(self, share: float, *, less_waits: bool = False) -> float:
@@ -66,6 +77,9 @@ class Pings:
             f"victim {sum(self.victim_waits) * 1000:.1f} ms"
         )
 
+    def server_load(self) -> str:
+        return f"{self.server_cpu / self.seconds:.1%}" if self.seconds else "?"
+
 
 async def victim(port: int, seconds: float, rate: float, server_pid: int) -> Pings:
     """Round trips of PINGs sent from 127.0.0.2 at ``rate`` per second."""
@@ -73,7 +87,8 @@ async def victim(port: int, seconds: float, rate: float, server_pid: int) -> Pin
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
     decoder = FrameDecoder()
     pings = Pings()
-    stop = loop.time() + seconds
+    began_at, server_ran = loop.time(), cpu_time(server_pid)
+    stop = began_at + seconds
     request_id = 0
     while loop.time() < stop:
         request_id += 1
@@ -87,6 +102,7 @@ async def victim(port: int, seconds: float, rate: float, server_pid: int) -> Pin
         pings.victim_waits.append(cpu_wait("self") - victim_waited)
         await asyncio.sleep(1 / rate)
     writer.close()
+    pings.server_cpu, pings.seconds = cpu_time(server_pid) - server_ran, loop.time() - began_at
     return pings
 
 
@@ -94,11 +110,13 @@ async def attack(port: int, seconds: float) -> dict[str, int]:
     """1,000 connections from 127.0.0.1, and a flood of PINGs on one of them."""
     failed = 0
     held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    began = time.perf_counter()
     for _ in range(1000):
         try:
             held.append(await asyncio.open_connection("127.0.0.1", port))
         except OSError:
             failed += 1
+    connecting = time.perf_counter() - began
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.3", 0))
     burst = b"".join(encode_frame(PACKAGE.REQUEST_PING, i, b"\x80") for i in range(1, 1001))
     decoder = FrameDecoder()
@@ -124,7 +142,8 @@ async def attack(port: int, seconds: float) -> dict[str, int]:
     for each in (*(each for _, each in held), writer):
         each.close()
     return {
-        "connections": len(held) + failed, "connections_refused": refused,
+        "connections": len(held) + failed, "connections_ms": round(connecting * 1000),
+        "connections_refused": refused,
         "connect_errors": failed, "flood_answers": answers, "flood_throttled": throttled,
     }  # fmt: skip
 
@@ -161,6 +180,8 @@ async def main() -> None:
     if args.attack:  # the attacker runs in a process of its own, so the victim's loop is free
         with contextlib.suppress(OSError):
             os.sched_setaffinity(0, {1})
+        print("ready", flush=True)  # started: the attack begins on the next line of input
+        sys.stdin.readline()
         print(await attack(args.attack, args.seconds))
         return
     env = {**os.environ, "LOG_LEVEL": "INFO", "DB_BACKEND": "none"}
@@ -182,10 +203,14 @@ async def main() -> None:
         with contextlib.suppress(OSError):
             os.sched_setaffinity(0, {1})
         alone = await victim(port, args.seconds, args.rate, server.pid)
+        # The attacker's interpreter starts before the victim measures: its start-up is no attack.
         attacker = await asyncio.create_subprocess_exec(
             sys.executable, __file__, "--attack", str(port), "--seconds", str(args.seconds),
-            stdout=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
+        assert attacker.stdin is not None and attacker.stdout is not None
+        await attacker.stdout.readline()
+        attacker.stdin.write(b"go\n")
         attacked = await victim(port, args.seconds, args.rate, server.pid)
         outcome = (await attacker.communicate())[0].decode().strip()
         report(alone, attacked)
@@ -204,6 +229,8 @@ def report(alone: Pings, attacked: Pings) -> None:
     ratio = attacked.p(0.99) / alone.p(0.99)
     print(f"p99 ratio: {ratio:.2f} (target <= 2)  mean attacked "
           f"{statistics.mean(attacked.rtts) * 1000:.3f} ms")  # fmt: skip
+    if alone.server_cpu:
+        print(f"server CPU use: {alone.server_load()} alone, {attacked.server_load()} attacked")
     if sum(alone.server_waits) or sum(attacked.server_waits):
         print(f"waiting for a CPU while other programs ran: alone {alone.waited()}; "
               f"attacked {attacked.waited()}")  # fmt: skip
