@@ -8,6 +8,7 @@ from ``make_certificates`` (what ``server.py --make-cert`` writes), real handsha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import ssl
@@ -219,10 +220,9 @@ async def send_with_the_end_of_the_handshake(
                 data = await reader.read(65536)
                 assert data, "the server closed the connection"
                 incoming.write(data)
-                try:
-                    decoder.feed(tls.read(1 << 20))
-                except ssl.SSLWantReadError:
-                    continue  # a session ticket, no application data
+                with contextlib.suppress(ssl.SSLWantReadError):  # all read, or a session ticket
+                    while plain := tls.read(1 << 20):  # one record a call; several may have come
+                        decoder.feed(plain)
                 while decoder.next_frame() is not None:
                     frames += 1
     finally:

@@ -112,6 +112,28 @@ async def test_thousand_frames_in_one_write_are_each_answered_once(raw: RawConne
     assert seen == {i: str(i) for i in range(1, 1001)}
 
 
+async def test_a_pipelined_burst_does_not_hold_up_another_connection(
+    server: Server, raw: RawConnection
+) -> None:
+    """A thousand requests in one write are answered a few dozen per pass of the server's loop,
+    so another connection's request, received at the same time, is served in between."""
+    await raw.send(b"".join(encode_frame(PACKAGE.REQUEST_PING, i, b"\x80") for i in range(1, 1001)))
+    other = await RawConnection.open(server.port)
+    await other.send(encode_frame(PACKAGE.REQUEST_SERVER_INFO, 1, b"\x80"))
+    frame = await other.read_frame()
+    assert frame is not None and frame.kind == PACKAGE.ANSWER_SERVER_INFO
+    info = unpack(PACKAGE.ANSWER_SERVER_INFO, frame.body)
+    assert isinstance(info, ServerInfoAnswer)
+    assert info.requests_served < 1000  # served while the burst was being answered
+    answered = set()
+    for _ in range(1000):  # and the burst is still answered whole, each request once
+        frame = await raw.read_frame()
+        assert frame is not None and frame.kind == PACKAGE.ANSWER_PING
+        answered.add(frame.request_id)
+    assert answered == set(range(1, 1001))
+    await other.close()
+
+
 async def test_large_bodies_are_compressed_when_they_shrink(raw: RawConnection) -> None:
     for request_id, data in ((1, b"abc" * 400_000), (2, os.urandom(64 * 1024)), (3, b"tiny")):
         await raw.send(
@@ -344,6 +366,33 @@ async def test_a_request_waiting_at_shutdown_is_answered_unavailable(slow_echo: 
         await shutdown
         await raw.close()
     assert slow_echo.finished == 1 and slow_echo.most_running == 1
+
+
+async def test_every_request_waiting_at_shutdown_is_answered(slow_echo: SlowEcho) -> None:
+    """However many requests wait behind the running one, each gets its UNAVAILABLE (once the
+    running one answered, as above) before the server closes the connection."""
+    slow_echo.seconds = 1.0
+    waiting = 200
+    echo = pack(PACKAGE.REQUEST_ECHO, EchoRequest(text="x"))
+    async with running_server(max_in_flight=1) as server:
+        raw = await RawConnection.open(server.port)
+        await raw.send(b"".join(encode_frame(PACKAGE.REQUEST_ECHO, i, echo) for i in range(1, 202)))
+        await wait_until(lambda: slow_echo.running == 1)
+        shutdown = asyncio.create_task(server.shutdown())
+        answered = await raw.read_frame()
+        assert answered is not None and answered.request_id == 1
+        assert answered.kind == PACKAGE.ANSWER_ECHO
+        refused = set()
+        for _ in range(waiting):
+            frame = await raw.read_frame()
+            assert frame is not None and frame.kind == PACKAGE.ANSWER_ERROR
+            error = unpack(PACKAGE.ANSWER_ERROR, frame.body)
+            assert isinstance(error, ErrorAnswer) and error.code == ErrorCode.UNAVAILABLE
+            refused.add(frame.request_id)
+        assert refused == set(range(2, 202))
+        assert await raw.read_frame() is None  # closed once nothing runs
+        await shutdown
+        await raw.close()
 
 
 async def test_hooks_run_once_each() -> None:
