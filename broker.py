@@ -52,7 +52,7 @@ MAX_POSITIONS = 1000  # topics one SUBSCRIBE may name in positions: each costs a
 HISTORY_LAG = 2.0
 # Seconds of fan-out (mostly socket writes) after which the loop gets a pass: publishes that
 # fill the next round go on meanwhile (a NATS publish takes several passes), and so does the rest.
-FAN_OUT_PASS = 0.0001
+FAN_OUT_PASS = 0.00005
 # Live messages a subscription catching up keeps, at most, to push once its replay reaches them:
 # those that arrive while a history read travels back, without which a replay chasing a busy
 # topic (one message or more per round trip to the backend) never meets the live stream.
