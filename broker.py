@@ -452,13 +452,28 @@ class Broker:
             while listener.arrived:
                 messages, listener.arrived = listener.arrived, []
                 round_ = _Round(messages)
+                # The usual round, one topic: its test inline (this loop runs per subscriber).
+                topic, (first, last) = next(iter(round_.spans.items()))
+                single = len(round_.spans) == 1 and round_.contiguous
+                subscriptions = listener.subscriptions
                 until = clock() + FAN_OUT_PASS
-                for subscription in list(listener.subscriptions):
+                for subscription in list(subscriptions):
                     if clock() > until:
                         await asyncio.sleep(0)
                         until = clock() + FAN_OUT_PASS
-                    if subscription in listener.subscriptions:  # not ended meanwhile
+                    if subscription not in subscriptions:  # ended meanwhile
+                        continue
+                    if not (
+                        single
+                        and not subscription.catching_up
+                        and subscription.positions.get(topic) == first - 1
+                    ):
                         self._push_round(subscription, round_)
+                    elif subscription.target.push_now(round_.frames_for(subscription.prefix)):
+                        subscription.positions[topic] = last
+                    else:  # over its budget: replay from history once it drained
+                        subscription.live_heads[topic] = last
+                        self._catch_up(subscription)
         finally:
             listener.fan_out = None
 
