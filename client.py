@@ -117,6 +117,10 @@ class Client:
         max_frame_size: largest answer body accepted, in bytes.
         token: sent in a HELLO as each connection opens, for servers that require one.
         client_name: sent in that HELLO, for the server's logs.
+        heartbeat: with ``reconnect``, seconds of silence from the server after which a PING
+            is sent; no answer within as long again and the connection counts as lost (a node
+            that vanished without closing it, which TCP alone notices only after many
+            minutes). None turns it off.
     """
 
     def __init__(
@@ -134,6 +138,7 @@ class Client:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         token: str = "",
         client_name: str = "pyasync-client",
+        heartbeat: float | None = 5.0,
     ) -> None:
         self.token = token
         self.client_name = client_name
@@ -141,6 +146,7 @@ class Client:
         self.endpoints = [parse_endpoint(e) for e in endpoints] if endpoints else [(host, port)]
         self.host, self.port = self.endpoints[0]
         self.reconnect = bool(endpoints) if reconnect is None else reconnect
+        self.heartbeat = heartbeat
         self.ssl = ssl
         self.server_hostname = server_hostname
         self.connect_timeout = connect_timeout
@@ -239,6 +245,8 @@ class Client:
             self.host, self.port, self._protocol = host, port, protocol
             if self.reconnect:
                 protocol.lost.add_done_callback(self._connection_lost)
+                if self.heartbeat:
+                    self._watch(protocol, self.heartbeat)
             assert self._ready is not None
             self._ready.set()
             return
@@ -323,6 +331,47 @@ class Client:
             except (OSError, TimeoutError, RPCError):  # RPCError: a HELLO refused (for now)
                 await self._back_off()
         await asyncio.gather(*(s.resume() for s in list(self.subscriptions)))
+
+    def _watch(self, protocol: ClientProtocol, interval: float) -> None:
+        """Check ``protocol``'s server is alive until the connection goes (``_heartbeat``)."""
+        task = asyncio.get_running_loop().create_task(self._heartbeat(protocol, interval))
+        protocol.lost.add_done_callback(lambda _: task.cancel())
+
+    async def _heartbeat(self, protocol: ClientProtocol, interval: float) -> None:
+        """PING after ``interval`` s without a read; abort if nothing comes back as long again.
+
+        Nothing is read either while this client itself stopped reading (a subscriber's queue
+        is full): that silence says nothing of the server, so it does not count.
+        """
+        loop = asyncio.get_running_loop()
+        payload = pack(PACKAGE.REQUEST_PING, PingRequest())
+        while protocol.closed_error is None:
+            silent = loop.time() - max(protocol.received_at, self._connected_at)
+            if silent < interval or protocol.is_reading_paused:
+                await asyncio.sleep(interval - silent if silent < interval else interval)
+                continue
+            request_id, future = protocol.send(
+                PACKAGE.REQUEST_PING, payload, math.ceil(interval * 1000)
+            )
+            try:
+                async with asyncio.timeout(interval):
+                    await future
+            except TimeoutError:
+                if (
+                    loop.time() - protocol.received_at >= interval
+                    and not protocol.is_reading_paused
+                ):
+                    protocol.abort(
+                        ConnectionBroken(
+                            f"the server at {protocol.address} did not answer a PING in "
+                            f"{interval:g} s"
+                        )
+                    )
+                    return
+            except (ConnectionClosed, RPCError):
+                return
+            finally:
+                protocol.pending.pop(request_id, None)
 
     async def _back_off(self) -> None:
         delay = self._reconnect_delay

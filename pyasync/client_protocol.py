@@ -109,6 +109,7 @@ class ClientProtocol(asyncio.Protocol):
         self.received_frame = False  # a valid frame came: the peer speaks this protocol
         self.write_ready: asyncio.Future[None] | None = None  # set while writing is paused
         self.lost = asyncio.get_running_loop().create_future()
+        self.received_at = 0.0  # loop time of the last read: the peer is alive
         self.subscriptions: dict[int, EventSink] = {}
         # Called with an answer frame as it arrives, before later frames of the same read: a
         # SUBSCRIBE answer registers its subscription before its first event is dispatched.
@@ -142,6 +143,14 @@ class ClientProtocol(asyncio.Protocol):
         )
         return request_id, future
 
+    def abort(self, error: ConnectionClosed) -> None:
+        """Drop the connection at once, failing what waits on it with ``error`` (a peer that
+        stopped answering: a clean close would wait on it)."""
+        if self.closed_error is None:
+            self.closed_error = error
+        if self.transport is not None:
+            self.transport.abort()
+
     def close(self) -> None:
         if self.closed_error is None:
             self.closed_error = ClientClosed(f"the connection to {self.address} was closed here")
@@ -166,6 +175,7 @@ class ClientProtocol(asyncio.Protocol):
             self.presents_certificate = presents_client_certificate(context)
 
     def data_received(self, data: bytes) -> None:
+        self.received_at = self.lost.get_loop().time()
         self.decoder.feed(data)
         try:
             while (frame := self.decoder.next_frame()) is not None:

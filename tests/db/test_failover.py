@@ -32,7 +32,7 @@ from pyasync.auth import hash_token
 from pyasync.router import ROUTER, make_route
 from server import Server
 from tests.db.test_messaging import URLS, require_broker
-from tests.helpers import running_server, wait_until
+from tests.helpers import FaultyProxy, running_server, wait_until
 
 
 def crash(server: Server) -> None:
@@ -120,6 +120,48 @@ async def test_a_client_waits_for_a_server_to_come_back() -> None:
             async with running_server(port=port):
                 assert await waiting > 0
             assert time.monotonic() - began < 5
+
+
+@pytest.mark.parametrize("heartbeat", [0.3, None])
+async def test_a_server_that_stops_answering_is_left_for_another(heartbeat: float | None) -> None:
+    """A node that hangs (or vanishes without closing its connections) is noticed by the
+    heartbeat and failed over; without one, the request waits for its deadline."""
+    async with running_server() as first, running_server() as second:
+        proxy = await FaultyProxy("127.0.0.1", first.port).start()
+        try:
+            endpoints = [f"127.0.0.1:{proxy.port}", f"127.0.0.1:{second.port}"]
+            async with Client(endpoints=endpoints, timeout=3, heartbeat=heartbeat) as client:
+                assert await client.echo("first") == "first"
+                proxy.stall()  # the connection stays open; nothing passes any more
+                if heartbeat is None:
+                    with pytest.raises(DeadlineExceeded):
+                        await client.echo("stuck")
+                    assert client.port == proxy.port
+                else:
+                    assert await client.echo("moved") == "moved"  # ECHO is sent again
+                    assert client.port == second.port
+        finally:
+            await proxy.close()
+
+
+async def test_a_subscriber_that_stops_reading_keeps_its_connection() -> None:
+    """While the client itself does not read (a subscription's queue is full), the server's
+    silence is not held against it: no heartbeat failover."""
+    async with running_server() as server, running_server() as other:
+        endpoints = [f"127.0.0.1:{server.port}", f"127.0.0.1:{other.port}"]
+        async with (
+            Client(endpoints=endpoints, timeout=5, heartbeat=0.2) as client,
+            Client("127.0.0.1", server.port) as publisher,
+        ):
+            async with client.subscribe("t.full", max_queued=1) as events:
+                for n in range(200):  # far more than the queue holds: reading pauses
+                    await publisher.publish("t.full", b"%d" % n)
+                await wait_until(lambda: client._protocol is not None
+                                 and client._protocol.is_reading_paused)  # fmt: skip
+                await asyncio.sleep(1.0)  # five heartbeat intervals without reading
+                assert client.port == server.port
+                first = await anext(aiter(events))
+                assert isinstance(first, MessageEvent) and first.offset == 1
 
 
 @pytest.mark.parametrize("shared", ["nats", "redis"])
