@@ -54,6 +54,7 @@ THROTTLE_PAUSE = 0.05  # seconds
 # pass (reading paused meanwhile): a pipelined burst, or a flood's read of thousands of frames,
 # then holds the loop ~0.1 ms at a time, not a millisecond, and other clients are served between.
 FRAMES_PER_PASS = 32
+BACKED_UP_RETRY = 0.01  # seconds between looks at a socket that drains below its high-water mark
 
 
 class Connection(asyncio.Protocol):
@@ -222,11 +223,24 @@ class Connection(asyncio.Protocol):
         return True
 
     async def writable(self) -> None:
-        """Return once pushes fit again: queued ones written and the socket not backed up."""
-        while not self.is_closing and (self.pushes or self.is_write_paused):
-            if self.push_waiter is None:
-                self.push_waiter = self.loop.create_future()
-            await self.push_waiter
+        """Return once pushes fit again: queued ones written and the socket not backed up, to
+        half of PUSH_BUFFER_SIZE at most."""
+        while not self.is_closing:
+            if self.pushes or self.is_write_paused:
+                if self.push_waiter is None:
+                    self.push_waiter = self.loop.create_future()
+                await self.push_waiter
+            elif self._is_backed_up():
+                # Below the high-water mark (a budget under 128 KiB), so no resume_writing()
+                # will say when it drained: look again soon instead.
+                await asyncio.sleep(BACKED_UP_RETRY)
+            else:
+                return
+
+    def _is_backed_up(self) -> bool:
+        transport = self.transport
+        unsent = 0 if transport is None else transport.get_write_buffer_size()
+        return unsent > self.settings.push_buffer_size // 2
 
     def _flush_pushes(self) -> None:
         pushes = self.pushes

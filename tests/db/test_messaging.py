@@ -318,6 +318,40 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+async def test_a_stalled_reader_with_a_small_push_budget_is_not_retried_in_a_loop(
+    monkeypatch: pytest.MonkeyPatch, topic: str
+) -> None:
+    """With PUSH_BUFFER_SIZE far below what the socket holds unpaused, a reader that stopped
+    is caught up once half its budget is free again, not by reading history at every pass."""
+    reads = 0
+    original = broker.Broker._replay_once
+
+    async def counted(self: broker.Broker, subscription: broker.Subscription) -> bool:
+        nonlocal reads
+        reads += 1
+        return await original(self, subscription)
+
+    monkeypatch.setattr(broker.Broker, "_replay_once", counted)
+    async with running_server(push_buffer_size=4096, history_size=100) as server:
+        async with Client("127.0.0.1", server.port) as publisher:
+            stalled = socket.create_connection(("127.0.0.1", server.port))
+            try:
+                stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                stalled.sendall(subscribe_frame(f"{topic}.slow"))
+                await wait_until(lambda: server.app.broker is not None
+                                 and f"{topic}.slow" in server.app.broker.listeners)  # fmt: skip
+                data = b"x" * 4000
+                for _ in range(2500):  # 10 MB: more than the socket buffers hold
+                    await publisher.publish(f"{topic}.slow", data)
+                # Pushes stopped at 4 KiB unsent, below the socket's high-water mark (64 KiB),
+                # so no pause says when to try again; retrying at every pass of the loop would
+                # read history hundreds of thousands of times meanwhile.
+                assert reads < 1000
+                assert await publisher.ping() > 0
+            finally:
+                stalled.close()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_readers_get_everything_while_non_readers_stay_bounded(
