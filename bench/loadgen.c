@@ -1721,6 +1721,23 @@ static void ps_readable(struct conn *c)
 
 /* ---- publisher side ---- */
 
+/* The msgpack map entry "topic": opt_topic at p + b (a fixstr or str8 value); returns the new b. */
+static size_t put_topic_entry(unsigned char *p, size_t b)
+{
+    size_t tlen = strlen(opt_topic);
+    p[b++] = 0xa5;
+    memcpy(p + b, "topic", 5);
+    b += 5;
+    if (tlen < 32) {
+        p[b++] = (unsigned char)(0xa0 | tlen);
+    } else {
+        p[b++] = 0xd9;
+        p[b++] = (unsigned char)tlen;
+    }
+    memcpy(p + b, opt_topic, tlen);
+    return b + tlen;
+}
+
 static void ps_build_templates(void)
 {
     g_size = (size_t)opt_size;
@@ -1730,17 +1747,7 @@ static void ps_build_templates(void)
     if (opt_proto == P_PYASYNC) { /* {"topic": T, "data": bin} */
         size_t b = PY_HEADER;
         p[b++] = 0x82;
-        p[b++] = 0xa5;
-        memcpy(p + b, "topic", 5);
-        b += 5;
-        if (tlen < 32) {
-            p[b++] = (unsigned char)(0xa0 | tlen);
-        } else {
-            p[b++] = 0xd9;
-            p[b++] = (unsigned char)tlen;
-        }
-        memcpy(p + b, opt_topic, tlen);
-        b += tlen;
+        b = put_topic_entry(p, b);
         p[b++] = 0xa4;
         memcpy(p + b, "data", 4);
         b += 4;
@@ -1823,17 +1830,7 @@ static void ps_start(struct conn *c)
         unsigned char *f = out_room(c, PY_HEADER + 10 + tlen);
         size_t b = PY_HEADER;
         f[b++] = 0x81;
-        f[b++] = 0xa5;
-        memcpy(f + b, "topic", 5);
-        b += 5;
-        if (tlen < 32) {
-            f[b++] = (unsigned char)(0xa0 | tlen);
-        } else {
-            f[b++] = 0xd9;
-            f[b++] = (unsigned char)tlen;
-        }
-        memcpy(f + b, opt_topic, tlen);
-        b += tlen;
+        b = put_topic_entry(f, b);
         put_py_header(f, 20, (uint32_t)(b - PY_HEADER)); /* REQUEST_SUBSCRIBE, since: none */
         put32(f + 6, 1);
         c->wlen += b;
