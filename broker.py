@@ -240,6 +240,14 @@ class Subscription:
         # The body of EVENT_MESSAGE is a map; its first entry (this subscription) is fixed.
         self.prefix = b"\x84" + _encode("subscription") + _encode(subscription_id)
 
+    def position_before(self, topic: str, offset: int) -> int:
+        """The last offset delivered in ``topic``, as a live ``offset`` arrives; for a topic
+        first seen now, right before it if new messages only, else ``since``."""
+        last = self.positions.get(topic)
+        if last is None:
+            return offset - 1 if self.live_only else self.default_after
+        return last
+
 
 @dataclass(slots=True)
 class Listener:
@@ -508,9 +516,7 @@ class Broker:
                 subscription.held.append(message)
                 subscription.held_bytes += len(message.data)
             return
-        last = subscription.positions.get(topic)
-        if last is None:  # a topic first seen now: from here if new messages only
-            last = offset - 1 if subscription.live_only else subscription.default_after
+        last = subscription.position_before(topic, offset)
         if offset <= last:
             return  # delivered already (replayed at the seam)
         if offset > last + 1:  # missed live messages: fetch them from history
@@ -668,9 +674,7 @@ def _starts(subscription: Subscription, spans: dict[str, tuple[int, int]]) -> di
     """Per topic, the subscription's position if it is right before ``spans``; else None."""
     starts = {}
     for topic, (first, _) in spans.items():
-        last = subscription.positions.get(topic)
-        if last is None:  # a topic first seen now: from here if new messages only
-            last = first - 1 if subscription.live_only else subscription.default_after
+        last = subscription.position_before(topic, first)
         if last != first - 1:
             return None
         starts[topic] = last
