@@ -54,6 +54,7 @@ MAX_TIMEOUT_MS: Final = 0xFFFF_FFFF
 # peer cannot make a server hold more than this per connection. Checked on the header, before
 # the body is buffered, and again on the decompressed size.
 DEFAULT_MAX_FRAME_SIZE: Final = 16 * 1024 * 1024  # bytes
+ZSTD_FRAME_MAGIC: Final = b"\x28\xb5\x2f\xfd"  # how every zstd frame starts (RFC 8878)
 
 # Chosen from bench/compression.py (2-core x86-64, libzstd 1.5.7), MessagePack API records:
 # at level 1, compressing pays only on links slower than 78 MB/s for 1 KiB bodies, 165 MB/s for
@@ -303,6 +304,8 @@ class FrameDecoder:
     def _decompress(self, body: bytes) -> bytes:
         # The declared content size bounds the allocation: zstd refuses to write past it, so
         # a small frame that claims a small size cannot expand into a large one (a "bomb").
+        if body[:4] != ZSTD_FRAME_MAGIC:  # a skippable frame, say: not what the spec allows
+            self._fail(BadFrame("compressed body is not a zstd frame (it must start 28 b5 2f fd)"))
         try:
             size = zstandard.frame_content_size(body)
         except zstandard.ZstdError as exc:
@@ -316,7 +319,8 @@ class FrameDecoder:
         try:
             if self._decompressor is None:
                 self._decompressor = zstandard.ZstdDecompressor()
-            return self._decompressor.decompress(body)
+            # Exactly one frame: bytes after it (another frame, padding) break the stream.
+            return self._decompressor.decompress(body, allow_extra_data=False)
         except zstandard.ZstdError as exc:
             self._fail(BadFrame(f"compressed body is corrupt: {exc}"))
 

@@ -434,17 +434,24 @@ class Connection(asyncio.Protocol):
             )
         except asyncio.CancelledError:
             if self.server.is_shutting_down and not self.is_closing:
+                self._free_id(request_id)
                 self._send_error(
                     request_id, Unavailable("server shut down before the request finished")
                 )
             raise
+        self._free_id(request_id)
         answers: list[bytes] = []
         self._write(answers, self._add_answer(answers, kind, request_id, body))
         self._answered(1)
 
+    def _free_id(self, request_id: int) -> None:
+        """The answer is about to leave: its id is free from now on, as the spec says, for the
+        client may send it again as soon as the answer arrives, before this task has ended."""
+        self.tasks.pop(request_id, None)
+
     def _request_done(self, request_id: int, task: asyncio.Task[None]) -> None:
         if self.tasks.get(request_id) is task:
-            del self.tasks[request_id]
+            self.tasks.pop(request_id, None)
         if not task.cancelled() and task.exception() is not None:
             log.error("c%d request task failed", self.id, exc_info=task.exception())
         if self.is_closing:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from package import PACKAGE, KvPutRequest, pack
+from protocol import FrameDecoder, encode_frame
 from tests.helpers import (
     ServerProcess,
     clean_env,
@@ -149,3 +151,20 @@ def test_kv_commands_on_the_default_sqlite_database(
     code, _, err = client(server_process, "kv", "get", "greeting", cwd=tmp_path)
     assert code == 1 and "NOT_FOUND" in err
     assert (tmp_path / "pyasync.sqlite3").is_file()  # SQLITE_PATH, relative to the server's cwd
+
+
+def test_an_id_is_free_again_once_its_answer_arrived(server_process: ServerProcess) -> None:
+    """The spec lets a client reuse an id as soon as its answer arrived. On uvloop a task's
+    answer used to reach a fast client before the server had let go of its id (1 in 10)."""
+    put = pack(PACKAGE.REQUEST_KV_PUT, KvPutRequest(key="k", value=b"v"))  # an action in a task
+    request = encode_frame(PACKAGE.REQUEST_KV_PUT, 7, put)
+    decoder = FrameDecoder()
+    with socket.create_connection(("127.0.0.1", server_process.port), timeout=5) as sock:
+        for _ in range(300):
+            sock.sendall(request)
+            while (frame := decoder.next_frame()) is None:
+                data = sock.recv(65536)
+                assert data, "the server closed the connection: " + server_process.log[-300:]
+                decoder.feed(data)
+            assert (frame.kind, frame.request_id) == (PACKAGE.ANSWER_KV_PUT, 7)
+    assert "still in flight" not in server_process.log

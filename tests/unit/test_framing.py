@@ -178,6 +178,30 @@ def test_compressed_body_without_declared_size_is_rejected() -> None:
         decoder.next_frame()
 
 
+ZSTD_TEXT = zstandard.ZstdCompressor(write_content_size=True).compress(b"\x81\xa4text\xa2hi")
+SKIPPABLE_FRAME = bytes.fromhex("502a4d18 04000000") + b"skip"  # magic 0x184D2A50, 4 bytes
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (ZSTD_TEXT + b"xyz", "unused data"),
+        (ZSTD_TEXT + bytes(8), "unused data"),
+        (ZSTD_TEXT + ZSTD_TEXT, "unused data"),  # two frames, not one
+        (SKIPPABLE_FRAME + ZSTD_TEXT, "not a zstd frame"),
+    ],
+    ids=["trailing bytes", "trailing zeros", "second frame", "skippable frame first"],
+)
+def test_a_compressed_body_is_exactly_one_zstd_frame(body: bytes, message: str) -> None:
+    decoder = FrameDecoder()
+    decoder.feed(HEADER.pack(MAGIC, 1, FLAG_COMPRESSED, 4, 1, 0, len(body)) + body)
+    with pytest.raises(BadFrame, match=message):
+        decoder.next_frame()
+    with pytest.raises(BadFrame):  # and the stream stays broken
+        decoder.next_frame()
+    assert decode_all(HEADER.pack(MAGIC, 1, FLAG_COMPRESSED, 4, 1, 0, len(ZSTD_TEXT)) + ZSTD_TEXT)
+
+
 def test_compression_threshold_and_incompressible_bodies() -> None:
     policy = Compression(threshold=1024)
     small = encode_frame(4, 1, b"a" * 1023, compression=policy)
