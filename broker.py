@@ -369,10 +369,14 @@ class Broker:
             after = wanted.get(pattern, since)
             _, position = await self.backend.history(pattern, 0, 0)
             wanted[pattern] = position if after is None else after
-        elif since is None:  # live only: from each known topic's head; new topics from 1
-            for topic in await self.backend.topics(pattern):
-                if topic not in wanted:
+        else:  # each known topic not listed: from ``since``, or live only from its head
+            for topic in await self.backend.topics(pattern):  # new topics start from 1
+                if topic in wanted:
+                    continue
+                if since is None:
                     _, wanted[topic] = await self.backend.history(topic, 0, 0)
+                else:  # listed, so that complete and positions speak for it too
+                    wanted[topic] = since
         complete = True
         for topic, after in wanted.items():
             messages, head = await self.backend.history(topic, after, 1)

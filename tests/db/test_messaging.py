@@ -29,7 +29,9 @@ from package import (
     InvalidArgument,
     MessageEvent,
     ResourceExhausted,
+    SubscribeAnswer,
     SubscribeRequest,
+    UnsubscribeRequest,
 )
 from protocol import FrameDecoder
 from server import Server
@@ -206,6 +208,42 @@ async def test_wildcard_since_zero_replays_every_topic(broker_url: str, topic: s
             await client.publish(f"{topic}.b", b"b")
             got = await collect(events, 2)  # a's second (resumed), then b's new one
         assert sorted((e.topic.rsplit(".", 1)[1], e.offset) for e in got) == [("a", 2), ("b", 2)]
+
+
+async def test_wildcard_since_says_where_each_topic_starts_and_what_history_lost(
+    broker_url: str, topic: str
+) -> None:
+    async with (
+        running_server(broker_url=broker_url, history_size=3) as server,
+        connected(server) as [client],
+    ):
+        for _ in range(5):
+            await client.publish(f"{topic}.old", b"x")  # 1 and 2 have left history
+        await client.publish(f"{topic}.new", b"y")
+        for since, given, complete, positions in [
+            (1, {}, False, {"old": 1, "new": 1}),  # .old lost 2
+            (0, {}, False, {"old": 0, "new": 0}),
+            (2, {}, False, {"old": 2, "new": 1}),  # 2 is ahead of .new
+            (2, {"new": 0}, True, {"old": 2, "new": 0}),  # .old keeps 3-5
+        ]:
+            request = SubscribeRequest(
+                topic=f"{topic}.*",
+                since=since,
+                positions={f"{topic}.{k}": v for k, v in given.items()},
+            )
+            answer = await client.request(PACKAGE.REQUEST_SUBSCRIBE, request)
+            assert isinstance(answer, SubscribeAnswer)
+            assert answer.complete is complete, request
+            assert answer.positions == {f"{topic}.{k}": v for k, v in positions.items()}, request
+            await client.request(
+                PACKAGE.REQUEST_UNSUBSCRIBE, UnsubscribeRequest(subscription=answer.subscription)
+            )
+        async with client.subscribe(f"{topic}.*", since=1) as events:
+            assert not events.complete
+            got = await collect(events, 4)  # .new's 1 is not above since
+        gap, *messages = sorted(got, key=lambda e: (e.topic, isinstance(e, MessageEvent)))
+        assert isinstance(gap, GapEvent) and (gap.first_missing, gap.last_missing) == (2, 2)
+        assert [(e.topic, e.offset) for e in messages] == [(f"{topic}.old", n) for n in (3, 4, 5)]
 
 
 async def test_limits(broker_url: str, topic: str) -> None:
