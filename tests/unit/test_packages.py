@@ -22,12 +22,15 @@ from package import (
     EchoRequest,
     ErrorAnswer,
     ErrorCode,
+    InvalidArgument,
+    PingRequest,
     RPCError,
     ServerInfoAnswer,
     UnknownRemoteError,
     answer_kind_for,
     body_type,
     is_request,
+    unpack,
 )
 from protocol import Frame
 from pyasync.router import ROUTER, Interceptor, Router, make_route
@@ -242,3 +245,15 @@ async def test_interceptors_see_every_request_in_order_and_may_refuse(ctx: Conte
     error = package.unpack(PACKAGE.ANSWER_ERROR, body)
     assert isinstance(error, ErrorAnswer) and error.code == ErrorCode.PERMISSION_DENIED
     assert events == ["a before REQUEST_ECHO", "stop before REQUEST_ECHO", "a after ANSWER_ERROR"]
+
+
+def test_unknown_keys_are_skipped_unread_but_must_be_complete() -> None:
+    """As PROTOCOL.md says: an unknown key's text is not checked, its value must be whole."""
+    assert unpack(PACKAGE.REQUEST_PING, bytes.fromhex("81 a2fffe 01")) == PingRequest()
+    assert unpack(PACKAGE.REQUEST_PING, bytes.fromhex("81 a178 a2fffe")) == PingRequest()
+    with pytest.raises(InvalidArgument, match="truncated"):
+        unpack(PACKAGE.REQUEST_PING, bytes.fromhex("81 a178 92 01"))
+    # The keys of a map[str, int] field are text the server reads: checked.
+    positions = bytes.fromhex("82 a5 746f706963 a3 612e2a a9 706f736974696f6e73 81 a2fffe 01")
+    with pytest.raises(InvalidArgument, match="UTF-8"):
+        unpack(PACKAGE.REQUEST_SUBSCRIBE, positions)
