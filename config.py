@@ -10,6 +10,8 @@ the variable, its source and what is expected. Settings built in code pass the s
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import io
 import math
 import os
 import typing
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
 from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 
 from protocol import (
     DEFAULT_COMPRESSION_LEVEL,
@@ -34,6 +37,7 @@ __all__ = [
     "Settings",
     "load",
     "load_settings",
+    "misspelt_settings",
     "parse_upstreams",
     "setting",
     "validate",
@@ -366,10 +370,39 @@ def _read_env_file(env_file: str | Path | None) -> Mapping[str, str | None]:
     if not path.is_file():
         raise ConfigError(f"settings file {str(env_file)!r} is not a file")
     try:
-        return dotenv_values(path)
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(f"cannot read settings file {str(env_file)!r}: {reason}") from None
+    for binding in parse_stream(io.StringIO(text)):  # python-dotenv only warns, and goes on
+        if binding.error:
+            line = binding.original.string.strip()[:40]
+            raise ConfigError(
+                f"settings file {str(env_file)!r} line {binding.original.line}: cannot parse "
+                f"{line!r}; write NAME=value"
+            )
+    return dotenv_values(stream=io.StringIO(text))
+
+
+def misspelt_settings(env_file: str | Path | None, *classes: type[Any]) -> list[str]:
+    """One line for each name in ``env_file`` that is no setting of ``classes`` but looks like
+    one (another case, a typo): such a line is ignored, which is rarely what its author meant.
+
+    Other names are left alone: the file may hold variables of the project's own actions.
+    """
+    from_file = _read_env_file(env_file)
+    known = [f.name.upper() for cls in classes for f, _ in _fields(cls)]
+    lines = []
+    for name in from_file:
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.85)
+        if close:
+            lines.append(
+                f"settings file {str(env_file)!r}: {name} is no setting and is ignored; "
+                f"did you mean {close[0]}?"
+            )
+    return lines
 
 
 def _fail(name: str, expected: str, raw: Any, source: str, meta: Mapping[str, Any]) -> ConfigError:

@@ -517,6 +517,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = config.load(env_file=args.env_file, overrides=overrides)
         db_settings = server_config.load(env_file=args.env_file)
         setup_logging(settings.log_level)
+        for line in config.misspelt_settings(
+            args.env_file, Settings, server_config.DatabaseSettings
+        ):
+            log.warning("%s", line)
         count = 1 if args.listen_fd is not None else supervisor.worker_count(settings.workers)
         if count > 1:
             supervisor.check_broker(settings, count)

@@ -168,3 +168,19 @@ def test_an_id_is_free_again_once_its_answer_arrived(server_process: ServerProce
                 decoder.feed(data)
             assert (frame.kind, frame.request_id) == (PACKAGE.ANSWER_KV_PUT, 7)
     assert "still in flight" not in server_process.log
+
+
+def test_a_misspelt_setting_is_named_at_start_and_a_broken_line_stops_it(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("db_backend=postgres\n")
+    server = start_server_process(tmp_path)
+    try:
+        assert "db_backend is no setting and is ignored; did you mean DB_BACKEND?" in server.log
+    finally:
+        assert server.stop() == 0
+    (tmp_path / ".env").write_text('PORT=2000\nDB_BACKEND="postgres\n')
+    result = run_server_program(tmp_path)
+    assert result.returncode == 78
+    assert result.stderr == (
+        "error: settings file '.env' line 2: cannot parse 'DB_BACKEND=\"postgres'; "
+        "write NAME=value\n"
+    )

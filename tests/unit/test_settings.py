@@ -271,3 +271,21 @@ def test_an_unknown_broker_is_a_configuration_error() -> None:
 
 def test_the_null_device_as_env_file_reads_nothing() -> None:
     assert config.load(env_file=os.devnull, environ={}) == Settings()
+
+
+def test_a_settings_file_line_that_does_not_parse_stops_the_start(tmp_path: Path) -> None:
+    env_file = tmp_path / "bad.env"
+    env_file.write_text("PORT=2000\nthis is not a setting\nHOST=0.0.0.0\n")
+    with pytest.raises(ConfigError, match=r"line 2: cannot parse 'this is not a setting'") as info:
+        config.load(env_file=env_file, environ={})
+    assert "\n" not in str(info.value)
+
+
+def test_a_misspelt_setting_in_the_file_is_named_with_its_likely_meaning(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("db_backend=postgres\nDB_BACKNED=mariadb\nPORT=2000\nMY_APP_COLOUR=red\n")
+    lines = config.misspelt_settings(env_file, Settings, server_config.DatabaseSettings)
+    assert [line.split(": ", 1)[1] for line in lines] == [
+        "db_backend is no setting and is ignored; did you mean DB_BACKEND?",
+        "DB_BACKNED is no setting and is ignored; did you mean DB_BACKEND?",
+    ]  # MY_APP_COLOUR may be the project's own: not named
