@@ -58,9 +58,17 @@ from package import (
     error_from_answer,
     is_request,
     pack,
+    pack_payload,
     unpack,
 )
-from protocol import DEFAULT_MAX_FRAME_SIZE, MAX_TIMEOUT_MS, Compression, Frame, ProtocolError
+from protocol import (
+    DEFAULT_MAX_FRAME_SIZE,
+    MAX_TIMEOUT_MS,
+    Compression,
+    Frame,
+    Payload,
+    ProtocolError,
+)
 from pyasync.client_protocol import (
     ClientClosed,
     ClientProtocol,
@@ -425,7 +433,7 @@ class Client:
         """
         if body is None:
             body = body_type(kind)()
-        payload = pack(kind, body)
+        payload = pack_payload(kind, body)
         if timeout is not None and timeout < 0:
             timeout = self.timeout
         frame = await self.request_raw(kind, payload, timeout=timeout, on_answer=on_answer)
@@ -441,7 +449,7 @@ class Client:
     async def request_raw(
         self,
         kind: int,
-        payload: bytes,
+        payload: Payload,
         *,
         timeout: float | None,
         on_answer: Callable[[Frame], None] | None = None,

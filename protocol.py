@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Final, NamedTuple, NoReturn
+from typing import Final, NamedTuple, NoReturn, TypeAlias
 
 import zstandard
 
@@ -21,6 +21,7 @@ __all__ = [
     "HEADER_SIZE",
     "MAGIC",
     "MAX_REQUEST_ID",
+    "Payload",
     "MAX_TIMEOUT_MS",
     "PROTOCOL_VERSION",
     "CONNECTION_REQUEST_ID",
@@ -44,6 +45,8 @@ HEADER_SIZE: Final = HEADER.size  # 18 bytes
 FLAG_COMPRESSED: Final = 0x01  # the body is one zstd frame
 KNOWN_FLAGS: Final = FLAG_COMPRESSED
 
+# A body to send: bytes, or the bytearray a large body was encoded into (no copy to bytes).
+Payload: TypeAlias = bytes | bytearray
 MAX_REQUEST_ID: Final = 0xFFFF_FFFF
 # Frames with this request id are about the connection itself (a refusal, a broken stream) or
 # pushed by the server unasked; requests are numbered from 1.
@@ -133,7 +136,7 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
 def encode_frame(
     kind: int,
     request_id: int,
-    body: bytes,
+    body: Payload,
     *,
     timeout_ms: int = 0,
     compression: Compression | None = None,
@@ -162,11 +165,11 @@ def encode_frame(
 def encode_frame_parts(
     kind: int,
     request_id: int,
-    body: bytes,
+    body: Payload,
     *,
     timeout_ms: int = 0,
     compression: Compression | None = None,
-) -> tuple[bytes, bytes]:
+) -> tuple[bytes, Payload]:
     """``encode_frame`` as (header, body), for ``transport.writelines`` without a copy."""
     flags = 0
     if compression is not None and 0 < compression.threshold <= len(body):

@@ -29,6 +29,7 @@ from protocol import (
     Compression,
     Frame,
     FrameDecoder,
+    Payload,
     ProtocolError,
     encode_frame,
 )
@@ -120,7 +121,7 @@ class ClientProtocol(asyncio.Protocol):
     def send(
         self,
         kind: int,
-        payload: bytes,
+        payload: Payload,
         timeout_ms: int,
         on_answer: Callable[[Frame], None] | None = None,
     ) -> tuple[int, asyncio.Future[Frame]]:

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 from context import REQUEST_DEADLINE, Context, TLSInfo
 from package import (
-    PACKAGE,
     BrokenStream,
     DeadlineExceeded,
     ResourceExhausted,
@@ -27,13 +26,14 @@ from protocol import (
     CONNECTION_REQUEST_ID,
     Frame,
     FrameDecoder,
+    Payload,
     ProtocolError,
     encode_frame,
     encode_frame_parts,
 )
 from pyasync.auth import ANONYMOUS
 from pyasync.deadlines import within
-from pyasync.router import ConnectionHook, Route, error_answer
+from pyasync.router import Answer, ConnectionHook, Route, error_answer
 from pyasync.watchdog import Watchdog
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ class Connection(asyncio.Protocol):
         self.tokens_at = self.loop.time()
         # Over RATE_LIMIT: the answer refused requests get, and how many got it, until tokens
         # come back; reading stops meanwhile, and taking frames after RATE_BURST refusals.
-        self.throttle_answer: tuple[PACKAGE, bytes] | None = None
+        self.throttle_answer: Answer | None = None
         self.refused = 0
         self.backlog: asyncio.Handle | None = None  # the next pass, when frames wait for it
         self.ctx.pushes = self
@@ -275,7 +275,7 @@ class Connection(asyncio.Protocol):
         rate = self.settings.rate_limit
         if rate:
             self._refill(rate)
-        answers: list[bytes] = []  # encoded frames, or header and body apart for large ones
+        answers: list[Payload] = []  # encoded frames, or header and body apart for large ones
         answered = 0
         large = False
         took_any = False
@@ -358,7 +358,7 @@ class Connection(asyncio.Protocol):
         self.tokens = min(self.settings.rate_burst, self.tokens + (now - self.tokens_at) * rate)
         self.tokens_at = now
 
-    def _throttle(self, rate: float) -> tuple[PACKAGE, bytes]:
+    def _throttle(self, rate: float) -> Answer:
         """The answer to a request over RATE_LIMIT, made once per episode (a flood costs little
         per frame); reading pauses until tokens come back."""
         if self.throttle_answer is None:
@@ -440,7 +440,7 @@ class Connection(asyncio.Protocol):
                 )
             raise
         self._free_id(request_id)
-        answers: list[bytes] = []
+        answers: list[Payload] = []
         self._write(answers, self._add_answer(answers, kind, request_id, body))
         self._answered(1)
 
@@ -465,7 +465,9 @@ class Connection(asyncio.Protocol):
 
     # ---- writing ----------------------------------------------------------------------------
 
-    def _add_answer(self, answers: list[bytes], kind: int, request_id: int, body: bytes) -> bool:
+    def _add_answer(
+        self, answers: list[Payload], kind: int, request_id: int, body: Payload
+    ) -> bool:
         """Append one answer's frame to ``answers``: whole when small, header and body apart
         when large; True for large. An answer above MAX_FRAME_SIZE, which the client would
         refuse, becomes RESOURCE_EXHAUSTED for that request alone."""
@@ -478,7 +480,7 @@ class Connection(asyncio.Protocol):
         answers += encode_frame_parts(kind, request_id, body, compression=compression)
         return True
 
-    def _write(self, pieces: Sequence[bytes], large: bool) -> None:
+    def _write(self, pieces: Sequence[Payload], large: bool) -> None:
         """Write small frames joined (one TLS record, one segment) and large bodies as they
         are, beside their headers (no copy)."""
         transport = self.transport
@@ -565,7 +567,7 @@ class Connection(asyncio.Protocol):
         return True
 
 
-def _oversize_answer(size: int, limit: int) -> tuple[PACKAGE, bytes]:
+def _oversize_answer(size: int, limit: int) -> Answer:
     return error_answer(
         ResourceExhausted(
             f"the answer of {size} bytes exceeds the frame limit of {limit} bytes (MAX_FRAME_SIZE)",

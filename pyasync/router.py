@@ -28,9 +28,10 @@ from package import (
     encode_body,
     is_request,
     pack,
+    pack_payload,
     unpack,
 )
-from protocol import Frame
+from protocol import Frame, Payload
 
 __all__ = [
     "ROUTER",
@@ -51,7 +52,7 @@ log = logging.getLogger("pyasync.router")
 Action: TypeAlias = Callable[[Any, Context], Awaitable[Body]] | Callable[[Any, Context], Body]
 AppHook: TypeAlias = Callable[[App], Awaitable[None]]
 ConnectionHook: TypeAlias = Callable[[Context], Awaitable[None]]
-Answer: TypeAlias = tuple[PACKAGE, bytes]  # (answer type, packed body), ready for a frame
+Answer: TypeAlias = tuple[PACKAGE, Payload]  # (answer type, packed body), ready for a frame
 
 
 class Interceptor:
@@ -205,7 +206,7 @@ class Router:
             answer = route.function(request, ctx)
             if inspect.isawaitable(answer):
                 answer = await answer
-            result = route.answer, pack(route.answer, answer)
+            result = route.answer, pack_payload(route.answer, answer)
         except Exception as exc:
             result = self.failure(exc, route.kind, request_id, ctx)
         if passed:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tracemalloc
 from typing import Any
 
 import msgspec
 import pytest
+import zstandard
 
 from client import Client
 from context import Context
@@ -25,7 +27,8 @@ from package import (
     pack,
     unpack,
 )
-from protocol import encode_frame
+from protocol import FLAG_COMPRESSED, HEADER, MAGIC, encode_frame
+from pyasync.connection import INLINE_MAX_BODY
 from pyasync.router import ROUTER, make_route
 from server import Server
 from tests.helpers import RawConnection, running_server
@@ -146,3 +149,55 @@ async def test_large_bodies_are_answered_in_a_task_not_inline(
 
 def test_requests_are_the_only_types_a_client_may_send() -> None:
     assert all(is_request(kind) == kind.name.startswith("REQUEST_") for kind in PACKAGE)
+
+
+# ---- one maximum-size frame ------------------------------------------------------------------
+
+LIMIT = 8 * 1024 * 1024  # MAX_FRAME_SIZE of these tests: large enough for the large-body path
+
+
+def compressed_echo(size: int) -> bytes:
+    """A REQUEST_ECHO whose body decompresses to ``size`` bytes (a few KiB on the wire)."""
+    body = pack(PACKAGE.REQUEST_ECHO, EchoRequest(data=bytes(size - 16)))
+    assert size - 16 < len(body) <= size
+    packed = zstandard.ZstdCompressor(write_content_size=True).compress(body)
+    return HEADER.pack(MAGIC, 1, FLAG_COMPRESSED, PACKAGE.REQUEST_ECHO, 1, 0, len(packed)) + packed
+
+
+async def test_a_maximum_size_frame_costs_at_most_twice_the_frame_limit() -> None:
+    """Decoding a compressed body, the request and its answer: never more than two at once."""
+    async with running_server(max_frame_size=LIMIT) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        request = compressed_echo(LIMIT)
+        tracemalloc.start()
+        try:
+            writer.write(request)
+            header = HEADER.unpack(await reader.readexactly(HEADER.size))
+            await reader.readexactly(header[-1])  # compressed: small, left undecoded here
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+            writer.close()
+    assert header[3] == PACKAGE.ANSWER_ECHO and header[2] == FLAG_COMPRESSED
+    assert peak < 2.1 * LIMIT, f"peak {peak / LIMIT:.2f} x MAX_FRAME_SIZE"
+
+
+async def test_a_plain_function_action_takes_a_large_body_in_a_task(
+    raw: RawConnection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inline, a large body would hold every other connection while it is decoded."""
+    ran_in: list[asyncio.Task[Any] | None] = []
+
+    def echo(request: EchoRequest, ctx: Context) -> EchoAnswer:
+        ran_in.append(asyncio.current_task())
+        return EchoAnswer(data=b"ok")
+
+    monkeypatch.setitem(ROUTER.routes, PACKAGE.REQUEST_ECHO, make_route(PACKAGE.REQUEST_ECHO, echo))
+    small = pack(PACKAGE.REQUEST_ECHO, EchoRequest(data=bytes(100)))
+    large = pack(PACKAGE.REQUEST_ECHO, EchoRequest(data=bytes(INLINE_MAX_BODY)))
+    for request_id, body in ((1, small), (2, large)):
+        await raw.send(encode_frame(PACKAGE.REQUEST_ECHO, request_id, body))
+        frame = await raw.read_frame()
+        assert frame is not None and frame.kind == PACKAGE.ANSWER_ECHO
+    assert ran_in[0] is None  # inline: no task
+    assert ran_in[1] is not None
