@@ -33,6 +33,7 @@ from protocol import (
 )
 from pyasync.auth import ANONYMOUS
 from pyasync.deadlines import within
+from pyasync.ratelimit import TokenBucket
 from pyasync.router import Answer, ConnectionHook, Route, error_answer
 from pyasync.watchdog import Watchdog
 
@@ -47,9 +48,6 @@ LARGE_WRITE = 64 * 1024  # bytes; answers larger than this are written without j
 # A plain-function action runs inline only on bodies up to this size: decoding and answering a
 # large body holds the event loop (16 MiB: ~55 ms), so it runs in a task like any other.
 INLINE_MAX_BODY = 64 * 1024  # bytes
-# A connection over RATE_LIMIT is not read for at least this long: short pauses would let a
-# flood cost a wake-up (and a read full of refusals) every few frames.
-THROTTLE_PAUSE = 0.05  # seconds
 # A connection takes at most this many frames per pass of the event loop, the rest on the next
 # pass (reading paused meanwhile): a pipelined burst, or a flood's read of thousands of frames,
 # then holds the loop ~0.1 ms at a time, not a millisecond, and other clients are served between.
@@ -67,9 +65,9 @@ class Connection(asyncio.Protocol):
 
     __slots__ = (
         "address", "auth_timer", "backlog", "closed", "ctx", "decoder", "id", "is_closing",
-        "is_draining", "is_read_paused", "is_ready", "is_write_paused", "loop", "push_bytes",
-        "push_room", "push_waiter", "pushes", "refused", "requests_answered", "router", "server",
-        "settings", "tasks", "throttle_answer", "tokens", "tokens_at", "transport", "watchdog",
+        "is_draining", "is_read_paused", "is_ready", "is_write_paused", "limit", "loop",
+        "push_bytes", "push_room", "push_waiter", "pushes", "requests_answered", "router",
+        "server", "settings", "small_answer", "tasks", "transport", "watchdog",
     )  # fmt: skip  # thousands of idle connections: no per-instance dict
 
     def __init__(self, server: Server, connection_id: int) -> None:
@@ -78,6 +76,9 @@ class Connection(asyncio.Protocol):
         self.router = server.router
         self.id = connection_id
         self.decoder = FrameDecoder(settings.max_frame_size)
+        # Answers below this many bytes are encoded as they are made; larger ones (or too
+        # large ones) by ``_add_answer``.
+        self.small_answer = min(LARGE_WRITE, settings.max_frame_size + 1)
         self.tasks: dict[int, asyncio.Task[None]] = {}  # request id -> its running task
         self.ctx = Context(app=server.app, connection_id=connection_id)
         self.transport: asyncio.Transport | None = None
@@ -95,12 +96,11 @@ class Connection(asyncio.Protocol):
         self.push_waiter: asyncio.Future[None] | None = None  # a replay waiting for room
         self.address = ""  # the client's IP address, as counted for MAX_CONNECTIONS_PER_IP
         self.auth_timer: asyncio.TimerHandle | None = None
-        self.tokens = float(settings.rate_burst)  # requests it may send now (token bucket)
-        self.tokens_at = self.loop.time()
-        # Over RATE_LIMIT: the answer refused requests get, and how many got it, until tokens
-        # come back; reading stops meanwhile, and taking frames after RATE_BURST refusals.
-        self.throttle_answer: Answer | None = None
-        self.refused = 0
+        self.limit = (
+            TokenBucket(settings.rate_limit, settings.rate_burst, self.loop.time())
+            if settings.rate_limit
+            else None
+        )  # RATE_LIMIT; None when there is none
         self.backlog: asyncio.Handle | None = None  # the next pass, when frames wait for it
         self.ctx.pushes = self
         self.ctx.close = self._expire
@@ -272,23 +272,22 @@ class Connection(asyncio.Protocol):
         decoder, tasks, router, ctx = self.decoder, self.tasks, self.router, self.ctx
         routes = router.routes
         refuse = self.is_draining and self.server.is_shutting_down
-        rate = self.settings.rate_limit
-        if rate:
-            self._refill(rate)
+        limit = self.limit
+        if limit is not None:
+            limit.refill(self.loop.time())
         answers: list[Payload] = []  # encoded frames, or header and body apart for large ones
         answered = 0
         large = False
         took_any = False
         room = self.settings.max_in_flight - len(tasks)
         compression = self.server.compression
-        # Answers below this many bytes are encoded here; larger ones (or too large) apart.
-        small = min(LARGE_WRITE, self.settings.max_frame_size + 1)
+        small = self.small_answer
         inline_limit = INLINE_MAX_BODY
         taken = 0
         try:
             while room > 0:
-                if rate and self.refused >= self.settings.rate_burst:
-                    break  # refused enough for now: the rest waits until tokens come back
+                if limit is not None and limit.has_refused_enough:
+                    break  # the rest waits until the throttling ends
                 if taken == FRAMES_PER_PASS and not refuse:  # shutting down: refuse all now
                     self._take_later()
                     break
@@ -304,12 +303,9 @@ class Connection(asyncio.Protocol):
                     kind, body = error_answer(
                         Unavailable("server is shutting down; retry elsewhere")
                     )
-                elif rate and (self.tokens < 1 or self.throttle_answer is not None):
-                    kind, body = self._throttle(rate)
-                    self.refused += 1
+                elif limit is not None and not limit.admit():
+                    kind, body = self._throttle(limit)
                 else:
-                    if rate:
-                        self.tokens -= 1
                     route = routes.get(frame.kind)
                     if route is None:  # unknown, an answer type, or no action: say which
                         try:
@@ -353,25 +349,14 @@ class Connection(asyncio.Protocol):
 
     # ---- limits -----------------------------------------------------------------------------
 
-    def _refill(self, rate: float) -> None:
-        now = self.loop.time()
-        self.tokens = min(self.settings.rate_burst, self.tokens + (now - self.tokens_at) * rate)
-        self.tokens_at = now
-
-    def _throttle(self, rate: float) -> Answer:
-        """The answer to a request over RATE_LIMIT, made once per episode (a flood costs little
-        per frame); reading pauses until tokens come back."""
-        if self.throttle_answer is None:
-            wait = max((1 - self.tokens) / rate, THROTTLE_PAUSE)
-            self.throttle_answer = error_answer(
-                ResourceExhausted(
-                    f"more than RATE_LIMIT={rate:g} requests/s on this connection",
-                    hint=f"retry in {round(wait * 1000)} ms",
-                )
-            )
+    def _throttle(self, limit: TokenBucket) -> Answer:
+        """The answer to a request over RATE_LIMIT; the first of an episode stops reading
+        until the episode's pause is over."""
+        answer, pause = limit.refuse()
+        if pause is not None:
             self._set_reading()
-            self.loop.call_later(wait, self._unthrottle)
-        return self.throttle_answer
+            self.loop.call_later(pause, self._unthrottle)
+        return answer
 
     def _unthrottle(self) -> None:
         """The pause is over: take the waiting frames on a pass of their own, then read again.
@@ -379,8 +364,8 @@ class Connection(asyncio.Protocol):
         Not here: a timer runs before the loop looks for input, so another client whose request
         arrived in the same pass would wait for two passes of this one instead of one.
         """
-        self.throttle_answer = None
-        self.refused = 0
+        if self.limit is not None:
+            self.limit.resume()
         self._take_later()
 
     def _forget_address(self) -> None:
@@ -506,7 +491,7 @@ class Connection(asyncio.Protocol):
             return
         should_read = (
             self.is_ready
-            and self.throttle_answer is None
+            and not (self.limit is not None and self.limit.is_throttled)
             and self.backlog is None
             and not self.is_draining
             and not self.is_write_paused
