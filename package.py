@@ -81,6 +81,8 @@ __all__ = [
     "encode_body",
     "error_from_answer",
     "is_request",
+    "body_error",
+    "decoder_for",
     "pack",
     "pack_payload",
     "unpack",
@@ -375,12 +377,6 @@ def body_type(kind: PACKAGE) -> type[Body]:
     return _BODY_TYPES[kind]
 
 
-def encode_body(value: Body) -> bytes:
-    """Encode a body already known to be of its type's class (``pack`` without the check):
-    for code that checked ``type(value)`` itself on a path run per request."""
-    return _ENCODE(value)
-
-
 def pack(kind: PACKAGE, value: Body) -> bytes:
     """Encode a body of type ``kind`` to MessagePack.
 
@@ -420,16 +416,28 @@ def unpack(kind: PACKAGE, payload: Payload | memoryview) -> Body:
     """
     try:
         return _DECODERS[kind].decode(payload)
-    except msgspec.DecodeError as exc:
-        raise InvalidArgument(f"invalid {kind.name} body: {exc}") from None
-    except UnicodeDecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise body_error(kind, payload, exc) from None
+
+
+def decoder_for(kind: PACKAGE) -> Callable[[Payload | memoryview], Body]:
+    """``unpack`` for one type, as msgspec's own method (no Python frame per call); what it
+    raises goes through ``body_error``."""
+    return _DECODERS[kind].decode
+
+
+def body_error(kind: PACKAGE, payload: Payload | memoryview, exc: Exception) -> Exception:
+    """What a decoder's exception means: ``InvalidArgument`` for a body the client got wrong,
+    naming what is wrong; any other exception as it is."""
+    if isinstance(exc, msgspec.DecodeError):
+        return InvalidArgument(f"invalid {kind.name} body: {exc}")
+    if isinstance(exc, UnicodeDecodeError):
         field = _field_with_bad_utf8(payload)
         where = f" at `$.{field}`" if field else ""
-        raise InvalidArgument(
-            f"invalid {kind.name} body: a str is not valid UTF-8{where}"
-        ) from None
-    except RecursionError:
-        raise InvalidArgument(f"invalid {kind.name} body: nested too deeply") from None
+        return InvalidArgument(f"invalid {kind.name} body: a str is not valid UTF-8{where}")
+    if isinstance(exc, RecursionError):
+        return InvalidArgument(f"invalid {kind.name} body: nested too deeply")
+    return exc
 
 
 def _field_with_bad_utf8(payload: Payload | memoryview) -> str | None:
@@ -738,4 +746,8 @@ _TEXT_FIELDS: Final = {  # per type, the fields that can make a body large
 }
 _ENCODER: Final = msgspec.msgpack.Encoder()
 _ENCODE: Final = _ENCODER.encode
+# Encode a body already known to be of its type's class (``pack`` without the check), for code
+# that checked ``type(value)`` itself on a path run per request: msgspec's own method, called
+# without a Python frame in between.
+encode_body: Final[Callable[[Body], bytes]] = _ENCODER.encode
 _DECODERS: Final = {kind: msgspec.msgpack.Decoder(cls) for kind, cls in _BODY_TYPES.items()}

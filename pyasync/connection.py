@@ -67,7 +67,7 @@ class Connection(asyncio.Protocol):
         "address", "auth_timer", "backlog", "closed", "ctx", "decoder", "id", "is_closing",
         "is_draining", "is_read_paused", "is_ready", "is_write_paused", "limit", "loop",
         "push_bytes", "push_room", "push_waiter", "pushes", "requests_answered", "router",
-        "server", "settings", "small_answer", "tasks", "transport", "watchdog",
+        "server", "settings", "small_answer", "stats", "tasks", "transport", "watchdog",
     )  # fmt: skip  # thousands of idle connections: no per-instance dict
 
     def __init__(self, server: Server, connection_id: int) -> None:
@@ -81,6 +81,7 @@ class Connection(asyncio.Protocol):
         self.small_answer = min(LARGE_WRITE, settings.max_frame_size + 1)
         self.tasks: dict[int, asyncio.Task[None]] = {}  # request id -> its running task
         self.ctx = Context(app=server.app, connection_id=connection_id)
+        self.stats = server.app.stats  # the server's counters, touched per request
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
         self.is_closing = False
@@ -446,7 +447,7 @@ class Connection(asyncio.Protocol):
 
     def _answered(self, count: int) -> None:
         self.requests_answered += count
-        self.ctx.app.stats.requests_served += count
+        self.stats.requests_served += count
 
     # ---- writing ----------------------------------------------------------------------------
 

@@ -24,7 +24,9 @@ from package import (
     Unimplemented,
     UnknownPackageType,
     answer_kind_for,
+    body_error,
     body_type,
+    decoder_for,
     encode_body,
     is_request,
     pack,
@@ -82,6 +84,7 @@ class Route:
     answer: PACKAGE
     function: Action
     inline: bool  # a plain function: answered as its frame is decoded, without a task
+    decode: Callable[[Payload | memoryview], Body]  # package's decoder of ``kind``
     scopes: frozenset[str] = frozenset()  # what a principal needs to call it (with auth on)
     answer_type: type[Body] = Body  # the body class of ``answer``
 
@@ -170,7 +173,11 @@ class Router:
     def answer_inline(self, route: Route, frame: Frame, ctx: Context) -> Answer:
         """Run a plain-function action now and return its answer; never raises ``Exception``."""
         try:
-            request = unpack(route.kind, frame.body)
+            request = route.decode(frame.body)
+        except Exception as exc:  # the body, not the action: the client's fault
+            error = body_error(route.kind, frame.body, exc)
+            return self.failure(error, route.kind, frame.request_id, ctx)
+        try:
             if not self.interceptors:
                 answer = route.function(request, ctx)
                 if type(answer) is route.answer_type:  # the common case, checked first
@@ -259,7 +266,10 @@ def make_route(kind: PACKAGE, function: Action, scopes: Iterable[str] = ()) -> R
         getattr(function, "__call__", None)  # noqa: B004  # an async __call__ counts
     )
     answer = answer_kind_for(kind)
-    return Route(kind, answer, function, not is_async, frozenset(scopes), body_type(answer))
+    return Route(
+        kind, answer, function, not is_async, decoder_for(kind), frozenset(scopes),
+        body_type(answer),
+    )  # fmt: skip
 
 
 def error_answer(error: RPCError) -> Answer:
