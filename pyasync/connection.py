@@ -270,7 +270,10 @@ class Connection(asyncio.Protocol):
         """
         if not self.is_ready or self.is_closing:
             return
-        decoder, tasks, router, ctx = self.decoder, self.tasks, self.router, self.ctx
+        decoder = self.decoder  # one local each: four at once would build a tuple per read
+        tasks = self.tasks
+        router = self.router
+        ctx = self.ctx
         routes = router.routes
         refuse = self.is_draining and self.server.is_shutting_down
         limit = self.limit

@@ -185,7 +185,8 @@ class Router:
                 return _answer_of(route, answer)
         except Exception as exc:
             return self.failure(exc, route.kind, frame.request_id, ctx)
-        started, passed = time.perf_counter(), list[Interceptor]()
+        started = time.perf_counter()
+        passed: list[Interceptor] = []
         try:
             self._before(passed, route.kind, request, ctx)
             result = _call_inline(route, request, ctx)
@@ -204,7 +205,8 @@ class Router:
             asyncio.CancelledError: the request was cancelled (timeout, disconnect, shutdown).
         """
         request_id = frame.request_id
-        started, passed = time.perf_counter() if self.interceptors else 0.0, list[Interceptor]()
+        started = time.perf_counter() if self.interceptors else 0.0
+        passed: list[Interceptor] = []
         try:
             request = unpack(route.kind, frame.body)
             del frame
