@@ -64,10 +64,11 @@ class Connection(asyncio.Protocol):
     """
 
     __slots__ = (
-        "address", "auth_timer", "backlog", "closed", "ctx", "decoder", "id", "is_closing",
-        "is_draining", "is_read_paused", "is_ready", "is_write_paused", "limit", "loop",
-        "push_bytes", "push_room", "push_waiter", "pushes", "requests_answered", "router",
-        "server", "settings", "small_answer", "stats", "tasks", "transport", "watchdog",
+        "address", "auth_timer", "backlog", "cancelled", "closed", "ctx", "decoder", "id",
+        "is_closing", "is_draining", "is_read_paused", "is_ready", "is_write_paused", "limit",
+        "loop", "push_bytes", "push_room", "push_waiter", "pushes", "requests_answered",
+        "router", "server", "settings", "small_answer", "stats", "tasks", "transport",
+        "watchdog",
     )  # fmt: skip  # thousands of idle connections: no per-instance dict
 
     def __init__(self, server: Server, connection_id: int) -> None:
@@ -90,6 +91,7 @@ class Connection(asyncio.Protocol):
         self.is_read_paused = False
         self.is_ready = False  # connect hooks have run
         self.requests_answered = 0
+        self.cancelled = 0  # requests cancelled (by a shutdown) before their connection closed
         self.closed = self.loop.create_future()
         self.pushes: list[bytes] = []  # event frames waiting for this loop pass's write
         self.push_bytes = 0
@@ -176,7 +178,7 @@ class Connection(asyncio.Protocol):
         cause = f": {exc}" if exc else ""
         log.info(
             "c%d closed after %d requests%s, %d cancelled",
-            self.id, self.requests_answered, cause, len(self.tasks),
+            self.id, self.requests_answered, cause, self.cancelled + len(self.tasks),
         )  # fmt: skip
         if self.router.hooks.disconnect:
             self.server.track(self._run_hooks(self.router.hooks.disconnect, "disconnect"))
@@ -422,6 +424,7 @@ class Connection(asyncio.Protocol):
                 DeadlineExceeded(f"request did not finish within its {timeout:g} s timeout")
             )
         except asyncio.CancelledError:
+            self.cancelled += 1
             if self.server.is_shutting_down and not self.is_closing:
                 self._free_id(request_id)
                 self._send_error(

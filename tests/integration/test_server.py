@@ -317,7 +317,10 @@ async def test_graceful_shutdown_answers_every_request_in_flight(slow_echo: Slow
     assert slow_echo.finished == 20
 
 
-async def test_shutdown_grace_ends_with_unavailable_not_a_hang(slow_echo: SlowEcho) -> None:
+async def test_shutdown_grace_ends_with_unavailable_not_a_hang(
+    slow_echo: SlowEcho, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pyasync.server")
     slow_echo.seconds = 30
     async with running_server(shutdown_timeout=0.2) as server:
         client = await Client("127.0.0.1", server.port).connect()
@@ -334,6 +337,7 @@ async def test_shutdown_grace_ends_with_unavailable_not_a_hang(slow_echo: SlowEc
         await client.close()
     assert slow_echo.cancelled == 5
     assert asyncio.all_tasks() == {asyncio.current_task()}
+    assert any(r.getMessage().endswith(", 5 cancelled") for r in caplog.records), caplog.text
 
 
 async def test_a_request_waiting_at_shutdown_is_answered_unavailable(slow_echo: SlowEcho) -> None:
