@@ -224,17 +224,22 @@ class Server:
         Args:
             ready: called once the server accepts connections (a worker tells its supervisor).
         """
-        await self.start()
-        if ready is not None:
-            ready()
+        # Handlers first: a signal that comes as soon as "listening on" is logged (or while the
+        # server starts) is a graceful shutdown, not the default abrupt exit.
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in EXIT_SIGNALS:
             loop.add_signal_handler(signum, self.handle_exit, signum)
         try:
+            await self.start()
+        except BaseException:
+            _remove_signal_handlers(loop)
+            raise
+        try:
+            if ready is not None:
+                ready()
             await self.should_exit.wait()
         finally:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(signum)
+            _remove_signal_handlers(loop)
             await (self.retire() if self.sock else self.shutdown())
 
     def handle_exit(self, signum: int = signal.SIGTERM) -> None:
@@ -422,6 +427,14 @@ def broker_settings(settings: Settings) -> BrokerSettings:
         max_topic_length=settings.max_topic_length,
         max_message_size=settings.max_frame_size - 4 * settings.max_topic_length - 64,
     )
+
+
+EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # a graceful shutdown; the second one hurries it
+
+
+def _remove_signal_handlers(loop: asyncio.AbstractEventLoop) -> None:
+    for signum in EXIT_SIGNALS:
+        loop.remove_signal_handler(signum)
 
 
 @contextlib.asynccontextmanager

@@ -184,3 +184,10 @@ def test_a_misspelt_setting_is_named_at_start_and_a_broken_line_stops_it(tmp_pat
         "error: settings file '.env' line 2: cannot parse 'DB_BACKEND=\"postgres'; "
         "write NAME=value\n"
     )
+
+
+def test_a_signal_right_after_listening_is_a_graceful_shutdown(tmp_path: Path) -> None:
+    for _ in range(5):  # the signal once came before the handlers were in place: killed, -15
+        server = start_server_process(tmp_path)
+        assert server.stop(signal.SIGTERM) == 0
+        assert "SIGTERM received: shutting down" in server.log
