@@ -383,9 +383,7 @@ def pack(kind: PACKAGE, value: Body) -> bytes:
     Raises:
         TypeError: ``value`` is not the body class declared for ``kind``.
     """
-    expected = _BODY_TYPES[kind]
-    if type(value) is not expected:
-        raise TypeError(f"{kind.name} carries {expected.__name__}, not {type(value).__name__}")
+    _check_class(kind, value)
     return _ENCODE(value)
 
 
@@ -396,9 +394,7 @@ def pack_payload(kind: PACKAGE, value: Body) -> Payload:
     Raises:
         TypeError: ``value`` is not the body class declared for ``kind``.
     """
-    expected = _BODY_TYPES[kind]
-    if type(value) is not expected:
-        raise TypeError(f"{kind.name} carries {expected.__name__}, not {type(value).__name__}")
+    _check_class(kind, value)
     size = sum(len(getattr(value, name) or b"") for name in _TEXT_FIELDS[kind])
     if size < LARGE_BODY:
         return _ENCODE(value)
@@ -406,6 +402,12 @@ def pack_payload(kind: PACKAGE, value: Body) -> Payload:
     buffer = bytearray(size + LARGE_BODY_SLACK)
     _ENCODER.encode_into(value, buffer)
     return buffer
+
+
+def _check_class(kind: PACKAGE, value: Body) -> None:
+    expected = _BODY_TYPES[kind]
+    if type(value) is not expected:
+        raise TypeError(f"{kind.name} carries {expected.__name__}, not {type(value).__name__}")
 
 
 def unpack(kind: PACKAGE, payload: Payload | memoryview) -> Body:
