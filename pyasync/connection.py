@@ -442,8 +442,8 @@ class Connection(asyncio.Protocol):
         self.tasks.pop(request_id, None)
 
     def _request_done(self, request_id: int, task: asyncio.Task[None]) -> None:
-        if self.tasks.get(request_id) is task:
-            self.tasks.pop(request_id, None)
+        if self.tasks.get(request_id) is task:  # not freed already, nor reused since
+            del self.tasks[request_id]
         if not task.cancelled() and task.exception() is not None:
             log.error("c%d request task failed", self.id, exc_info=task.exception())
         if self.is_closing:
