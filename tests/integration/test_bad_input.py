@@ -10,7 +10,6 @@ from typing import Any
 
 import msgspec
 import pytest
-import zstandard
 
 from client import Client
 from context import Context
@@ -27,7 +26,7 @@ from package import (
     pack,
     unpack,
 )
-from protocol import FLAG_COMPRESSED, HEADER, MAGIC, encode_frame
+from protocol import FLAG_COMPRESSED, HEADER, Compression, encode_frame
 from pyasync.connection import INLINE_MAX_BODY
 from pyasync.router import ROUTER, make_route
 from server import Server
@@ -160,8 +159,7 @@ def compressed_echo(size: int) -> bytes:
     """A REQUEST_ECHO whose body decompresses to ``size`` bytes (a few KiB on the wire)."""
     body = pack(PACKAGE.REQUEST_ECHO, EchoRequest(data=bytes(size - 16)))
     assert size - 16 < len(body) <= size
-    packed = zstandard.ZstdCompressor(write_content_size=True).compress(body)
-    return HEADER.pack(MAGIC, 1, FLAG_COMPRESSED, PACKAGE.REQUEST_ECHO, 1, 0, len(packed)) + packed
+    return encode_frame(PACKAGE.REQUEST_ECHO, 1, body, compression=Compression(threshold=1))
 
 
 async def test_a_maximum_size_frame_costs_at_most_twice_the_frame_limit() -> None:
